@@ -1,0 +1,211 @@
+"""Kernel benchmark: W4A4 linear (online transform + quantize + 8-bit GEMM over 4-bit
+weights) against BF16 cuBLAS `x @ w.T`, measured in the same run, at LLaMA-2-7B shapes.
+
+Prefill sizes (M > 64) are timed with `triton.testing.do_bench` (median; it flushes L2
+before every repetition, so weights and activations come from HBM). Decode sizes are
+timed as CUDA-graph replays of back-to-back calls over several weight copies (more
+bytes than L2 holds), so each call reads its weight from HBM with no launch gaps.
+
+    python -m duquant.bench.kernels --out-json results/kernels/kernels.json \
+        --out-md results/kernels/kernels.md
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+from typing import Callable
+
+import torch
+
+# LLaMA-2-7B linear shapes (N, K): q/k/v/o, gate/up, down.
+LLAMA2_7B_SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008)]
+DEFAULT_MS = [1, 4, 16, 64, 2048, 8192, 32768]
+DECODE_MAX_M = 64
+_L2_DEFEAT_BYTES = 160 << 20  # weights cycled per graph replay: > 3× the H100's 50 MB L2
+
+
+def _orthogonal(n: int, device: str) -> torch.Tensor:
+    q, _ = torch.linalg.qr(torch.randn(n, n, device=device, dtype=torch.float64))
+    return q.float().contiguous()
+
+
+def _bench(fn: Callable[[], object]) -> float:
+    """Median microseconds per call, cold L2 (do_bench flushes it before every repetition)."""
+    import triton.testing
+    return 1e3 * triton.testing.do_bench(fn, warmup=10, rep=60, return_mode="median")
+
+
+def _graph_bench(calls: list[Callable[[], object]], replays: int = 20, trials: int = 5) -> float:
+    """Median microseconds per call of a CUDA graph holding `calls` back to back."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(2):
+            for c in calls:
+                c()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for c in calls:
+            c()
+    graph.replay()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(trials):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(replays):
+            graph.replay()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(1e3 * start.elapsed_time(end) / (replays * len(calls)))
+    del graph
+    return statistics.median(times)
+
+
+def _copies(nbytes: int) -> int:
+    return max(2, min(24, math.ceil(_L2_DEFEAT_BYTES / max(nbytes, 1))))
+
+
+def measure_ceilings(device: str = "cuda") -> dict[str, float]:
+    """Device-copy bandwidth (read + write) and BF16 dense GEMM rate, measured here."""
+    src = torch.empty(1 << 30, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    t_copy = _bench(lambda: dst.copy_(src))
+    a = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
+    b = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
+    t_mm = _bench(lambda: a @ b)
+    return {"copy_TBps": 2 * src.numel() / t_copy / 1e6, "bf16_TFLOPs": 2 * 8192**3 / t_mm / 1e6}
+
+
+def _bench_prefill(m: int, n: int, k: int, device: str) -> dict[str, float]:
+    from duquant.kernels.triton_gemm import expand_w4, fp8_gemm, int8_gemm
+    from duquant.kernels.triton_hadamard import hadamard_quantize
+    from duquant.kernels.triton_transform import duquant_quantize
+    from duquant.kernels.weight import quantize_weight
+    blk = 128 if k % 128 == 0 else 64
+    x = torch.randn(m, k, device=device).to(torch.bfloat16)
+    w = (0.02 * torch.randn(n, k, device=device)).to(torch.bfloat16)
+    pw = quantize_weight(w.float(), prefill="int8")
+    w_fp8 = pw.w8.to(torch.float32).to(torch.float8_e4m3fn)
+    rot1, rot2, perm = _orthogonal(blk, device), _orthogonal(blk, device), torch.randperm(k, device=device)
+    r1, r2 = rot1.to(torch.bfloat16), rot2.to(torch.bfloat16)
+    smooth = torch.rand(k, device=device) + 0.5
+    had_m = None  # K = 4096 is a power of two; K = 11008 = 172·64 uses a dense ±1 factor
+    if k & (k - 1):
+        mm = k // (k & -k)
+        had_m = (torch.randint(0, 2, (mm, mm), device=device) * 2 - 1).float()
+    a8, s8 = duquant_quantize(x, r1, perm, r2, smooth, out_dtype=torch.int8)
+    af, sf = duquant_quantize(x, r1, perm, r2, smooth, out_dtype=torch.float8_e4m3fn)
+    r = {}
+    r["bf16"] = _bench(lambda: x @ w.T)
+    r["transform_int8"] = _bench(lambda: duquant_quantize(x, r1, perm, r2, smooth, out_dtype=torch.int8))
+    r["transform_fp8"] = _bench(lambda: duquant_quantize(x, r1, perm, r2, smooth, out_dtype=torch.float8_e4m3fn))
+    r["transform_noperm"] = _bench(lambda: duquant_quantize(x, r1, None, r2, smooth, out_dtype=torch.float8_e4m3fn))
+    r["hadamard_fp8"] = _bench(lambda: hadamard_quantize(x, had_m, out_dtype=torch.float8_e4m3fn))
+    if m == 2048:
+        r["transform_precise"] = _bench(lambda: duquant_quantize(x, rot1, perm, rot2, smooth, out_dtype=torch.float8_e4m3fn,
+                                                                 precise=True))
+        r["expand_w4"] = _bench(lambda: expand_w4(pw.packed, pw.zero, torch.float8_e4m3fn))
+        r["gemm_fp8_fastaccum"] = _bench(lambda: fp8_gemm(af, sf, w_fp8, pw.scale, fast_accum=True))
+    r["gemm_int8"] = _bench(lambda: int8_gemm(a8, s8, pw.w8, pw.scale))
+    r["gemm_fp8"] = _bench(lambda: fp8_gemm(af, sf, w_fp8, pw.scale))
+    r["total_int8"] = _bench(lambda: int8_gemm(*duquant_quantize(x, r1, perm, r2, smooth, out_dtype=torch.int8),
+                                               pw.w8, pw.scale))
+    r["total_fp8"] = _bench(lambda: fp8_gemm(*duquant_quantize(x, r1, perm, r2, smooth, out_dtype=torch.float8_e4m3fn),
+                                             w_fp8, pw.scale))
+    r["total_hadamard_fp8"] = _bench(lambda: fp8_gemm(*hadamard_quantize(x, had_m, out_dtype=torch.float8_e4m3fn),
+                                                      w_fp8, pw.scale))
+    return r
+
+
+def _bench_decode(m: int, n: int, k: int, device: str) -> dict[str, float]:
+    from duquant.kernels.triton_decode import w4a8_decode
+    from duquant.kernels.triton_transform import duquant_quantize
+    from duquant.kernels.weight import quantize_weight
+    blk = 128 if k % 128 == 0 else 64
+    x = torch.randn(m, k, device=device).to(torch.bfloat16)
+    rot1, rot2 = _orthogonal(blk, device).to(torch.bfloat16), _orthogonal(blk, device).to(torch.bfloat16)
+    perm, smooth = torch.randperm(k, device=device), torch.rand(k, device=device) + 0.5
+    n_bf16 = _copies(n * k * 2)
+    n_w4 = _copies(n * k // 2)
+    ws = [(0.02 * torch.randn(n, k, device=device)).to(torch.bfloat16) for _ in range(n_bf16)]
+    pw0 = quantize_weight(ws[0].float())
+    pws = [pw0] + [type(pw0)(pw0.packed.clone(), pw0.scale.clone(), pw0.zero.clone(), k) for _ in range(n_w4 - 1)]
+    a, s = duquant_quantize(x, rot1, perm, rot2, smooth)
+    r = {}
+    r["bf16"] = _graph_bench([lambda w=w: x @ w.T for w in ws])
+    r["transform_int8"] = _graph_bench([lambda: duquant_quantize(x, rot1, perm, rot2, smooth)] * 8)
+    r["gemm_decode"] = _graph_bench([lambda p=p: w4a8_decode(a, s, p.packed, p.scale, p.zero) for p in pws])
+    r["total_decode"] = _graph_bench([lambda p=p: w4a8_decode(*duquant_quantize(x, rot1, perm, rot2, smooth), p.packed,
+                                                              p.scale, p.zero) for p in pws])
+    return r
+
+
+def _row(n: int, k: int, m: int, r: dict[str, float]) -> dict[str, object]:
+    if m <= DECODE_MAX_M:
+        total, transform, gemm, path = r["total_decode"], r["transform_int8"], r["gemm_decode"], "decode W4 (int8 MMA)"
+    else:
+        path = "fp8" if r["total_fp8"] <= r["total_int8"] else "int8"
+        total, transform, gemm = r[f"total_{path}"], r[f"transform_{path}"], r[f"gemm_{path}"]
+        path = {"fp8": "FP8 _scaled_mm", "int8": "INT8 Triton"}[path]
+    flops = 2 * m * n * k
+    return {"N": n, "K": k, "M": m, "path": path, "bf16_us": r["bf16"], "transform_us": transform, "gemm_us": gemm,
+            "w4a4_total_us": total, "speedup": r["bf16"] / total, "gemm_only_speedup": r["bf16"] / gemm,
+            "bf16_TFLOPs": flops / r["bf16"] / 1e6, "w4a4_TOPs": flops / total / 1e6, "all_us": r}
+
+
+def markdown(rows: list[dict[str, object]], meta: dict[str, object]) -> str:
+    lines = [f"GPU: {meta['gpu']}; torch {meta['torch']}, triton {meta['triton']}; measured ceilings: "
+             f"copy {meta['ceilings']['copy_TBps']:.2f} TB/s, BF16 GEMM {meta['ceilings']['bf16_TFLOPs']:.0f} TFLOP/s",
+             "", "| N×K | M | path | BF16 µs | transform+quant µs | GEMM µs | W4A4 total µs | speedup | GEMM-only speedup |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['N']}×{r['K']} | {r['M']} | {r['path']} | {r['bf16_us']:.1f} | {r['transform_us']:.1f} | "
+                     f"{r['gemm_us']:.1f} | {r['w4a4_total_us']:.1f} | **{r['speedup']:.2f}×** | {r['gemm_only_speedup']:.2f}× |")
+    lines += ["", "Other variants (µs):", ""]
+    for r in rows:
+        extra = ", ".join(f"{k} {v:.1f}" for k, v in r["all_us"].items())
+        lines.append(f"- {r['N']}×{r['K']} M={r['M']}: {extra}")
+    return "\n".join(lines) + "\n"
+
+
+def run_kernel_bench(shapes: list[tuple[int, int]] | None = None, ms: list[int] | None = None,
+                     out_json: str | None = None, out_md: str | None = None) -> list[dict[str, object]]:
+    """Time every (N, K) × M; print a markdown table; write JSON/markdown if paths are given."""
+    import triton
+    shapes, ms = shapes or LLAMA2_7B_SHAPES, ms or DEFAULT_MS
+    torch.manual_seed(0)
+    meta = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
+            "ceilings": measure_ceilings()}
+    rows = []
+    for n, k in shapes:
+        for m in ms:
+            r = _bench_decode(m, n, k, "cuda") if m <= DECODE_MAX_M else _bench_prefill(m, n, k, "cuda")
+            rows.append(_row(n, k, m, r))
+            print(f"N={n} K={k} M={m}: " + ", ".join(f"{a} {b:.1f}" for a, b in r.items()), flush=True)
+            torch.cuda.empty_cache()
+    md = markdown(rows, meta)
+    print(md)
+    if out_json:
+        with open(out_json, "w") as f:
+            json.dump({"meta": meta, "rows": rows}, f, indent=1)
+    if out_md:
+        with open(out_md, "w") as f:
+            f.write(md)
+    return rows
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--ms", type=int, nargs="*", default=DEFAULT_MS)
+    p.add_argument("--out-json", default=None)
+    p.add_argument("--out-md", default=None)
+    args = p.parse_args()
+    run_kernel_bench(LLAMA2_7B_SHAPES, args.ms, args.out_json, args.out_md)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,118 @@
+"""The `duquant` command line: quantize, eval, generate, bench."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from .config import QuantConfig
+
+log = logging.getLogger("duquant")
+
+
+def _bits(text: str) -> int:
+    value = int(text)
+    if not (2 <= value <= 8 or value == 16):
+        raise argparse.ArgumentTypeError(f"bits must be in 2..8 or 16, got {value}")
+    return value
+
+
+def _datasets(text: str) -> list[str]:
+    return [name.strip() for name in text.split(",") if name.strip()]
+
+
+def _add_runtime_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
+    p.add_argument("--dtype", default="auto", help="float32, float16, bfloat16 (default: float32 on CPU, float16 on CUDA)")
+    p.add_argument("--data-dir", default=None, help="offline data folder (default: $DUQUANT_DATA_DIR)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _add_eval_args(p: argparse.ArgumentParser, flag: str) -> None:
+    p.add_argument(flag, type=_datasets, default=[], help="comma-separated: wikitext2,c4,ptb")
+    p.add_argument("--eval-seqlen", type=int, default=None, help="perplexity window (default: --seqlen or 2048)")
+    p.add_argument("--max-windows", type=int, default=None, help="evaluate only the first N windows")
+    p.add_argument("--eval-batch-size", type=int, default=None, help="windows per forward (default: 4 on CUDA, 1 on CPU)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="duquant", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    q = sub.add_parser("quantize", help="quantize a model and optionally evaluate and save it")
+    q.add_argument("model", help="hub id, local directory, .gguf file, or the alias smollm2-135m")
+    q.add_argument("--method", choices=["rtn", "smoothquant", "duquant", "quarot"], default="duquant")
+    q.add_argument("--wbits", type=_bits, default=4)
+    q.add_argument("--abits", type=_bits, default=4)
+    q.add_argument("--qkv-bits", type=_bits, default=None, help="Q/K/V attention operands (default: --abits)")
+    q.add_argument("--kvbits", type=_bits, default=None, help="K and V (KV cache) bits (default: --qkv-bits)")
+    q.add_argument("--no-quantize-q", dest="quantize_q", action="store_false", help="keep Q in 16 bit (QuaRot setting)")
+    q.add_argument("--w-sym", action="store_true", help="symmetric weights (default asymmetric)")
+    q.add_argument("--a-sym", action="store_true", help="symmetric activations (default asymmetric)")
+    q.add_argument("--w-clip", type=float, default=0.8)
+    q.add_argument("--a-clip", type=float, default=0.9)
+    q.add_argument("--qk-clip", type=float, default=0.9)
+    q.add_argument("--w-group-size", type=int, default=0)
+    q.add_argument("--weight-quantizer", choices=["rtn", "gptq"], default="rtn")
+    q.add_argument("--alpha", type=float, default=None, help="smoothing strength (default 0.6 duquant, 0.5 smoothquant)")
+    q.add_argument("--no-smooth", dest="smooth", action="store_false", help="DuQuant without smoothing (ablation)")
+    q.add_argument("--rotations", type=int, choices=[0, 1, 2], default=2, help="DuQuant block rotations (ablation)")
+    q.add_argument("--no-permute", dest="permute", action="store_false", help="DuQuant without zigzag (ablation)")
+    q.add_argument("--block-size", type=int, default=None, help="rotation block (default 128, or the largest power of two dividing the layer)")
+    q.add_argument("--rotation-steps", type=int, default=256)
+    q.add_argument("--exchange", choices=["column", "row"], default="column", help="row: reference-code quirk")
+    q.add_argument("--prefix-criterion", choices=["absmax", "range"], default="absmax", help="range: reference code")
+    q.add_argument("--smooth-weight-stat", choices=["group", "first"], default="group", help="first: reference code")
+    q.add_argument("--calib", default="c4", help="c4, wikitext2, ptb, random, or a text file")
+    q.add_argument("--nsamples", type=int, default=128)
+    q.add_argument("--seqlen", type=int, default=2048)
+    q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--calib-batch-size", type=int, default=1)
+    q.add_argument("--out", default=None, help="directory to save the quantized model")
+    q.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    q.add_argument("--eval-fp", action="store_true", help="also evaluate the full-precision model first")
+    q.add_argument("--json", default=None, help="write the run record (with results) to this file")
+    _add_eval_args(q, "--eval-ppl")
+    _add_runtime_args(q)
+
+    e = sub.add_parser("eval", help="perplexity of a model or a saved quantized directory")
+    e.add_argument("model")
+    _add_eval_args(e, "--ppl")
+    e.add_argument("--seqlen", type=int, default=2048)
+    e.add_argument("--json", default=None)
+    _add_runtime_args(e)
+
+    g = sub.add_parser("generate", help="generate text with a model or a saved quantized directory")
+    g.add_argument("model")
+    g.add_argument("--prompt", required=True)
+    g.add_argument("--max-new-tokens", type=int, default=64)
+    g.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
+    _add_runtime_args(g)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    from . import commands  # noqa: PLC0415 - heavy imports only after parsing
+
+    handler = {"quantize": commands.quantize_command, "eval": commands.eval_command,
+               "generate": commands.generate_command}[args.command]
+    try:
+        return handler(args)
+    except (ValueError, FileNotFoundError, FileExistsError, RuntimeError) as err:
+        log.error("%s", err)
+        if args.verbose:
+            raise
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,155 @@
+"""What each CLI subcommand does, on top of the library's public functions."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import time
+from pathlib import Path
+
+import torch
+from transformers import AutoTokenizer
+
+from .checkpoint import is_quantized_dir, load_quantized, save_quantized
+from .config import QuantConfig
+from .data.calibration import CalibrationSpec, calibration_tokens, token_hash
+from .data.datasets import load_text
+from .evaluation.perplexity import perplexity
+from .model_loading import default_device, load_model, load_tokenizer, parse_dtype, resolve_model_source
+from .quantize import quantize
+from .run_record import device_description, package_versions
+
+log = logging.getLogger("duquant")
+
+
+def config_from_args(args: argparse.Namespace) -> QuantConfig:
+    return QuantConfig(
+        method=args.method, wbits=args.wbits, abits=args.abits, qkv_bits=args.qkv_bits, kv_bits=args.kvbits,
+        quantize_q=args.quantize_q, w_symmetric=args.w_sym, a_symmetric=args.a_sym, w_clip=args.w_clip,
+        a_clip=args.a_clip, qk_clip=args.qk_clip, w_group_size=args.w_group_size,
+        weight_quantizer=args.weight_quantizer, smooth=args.smooth, smooth_alpha=args.alpha,
+        smooth_weight_stat=args.smooth_weight_stat, rotations=args.rotations, permute=args.permute,
+        block_size=args.block_size, rotation_steps=args.rotation_steps, exchange=args.exchange,
+        prefix_criterion=args.prefix_criterion, seed=args.seed,
+    )
+
+
+def _evaluate(model, tokenizer, datasets: list[str], args, device: str, label: str) -> dict:
+    results = {}
+    seqlen = args.eval_seqlen or getattr(args, "seqlen", None) or 2048
+    batch = args.eval_batch_size or (4 if device.startswith("cuda") else 1)
+    for name in datasets:
+        ids = tokenizer(load_text(name, "test", args.data_dir), return_tensors="pt").input_ids
+        t = time.perf_counter()
+        result = perplexity(model, ids, seqlen, device, batch, args.max_windows, name, progress=not args.quiet)
+        entry = result.to_dict() | {"seconds": round(time.perf_counter() - t, 2)}
+        results[name] = entry
+        log.info("%s %s perplexity %.3f (%d windows of %d, %d tokens)", label, name, result.ppl, result.windows,
+                 seqlen, result.tokens)
+    return results
+
+
+def _print_table(rows: list[tuple[str, dict]], datasets: list[str]) -> None:
+    if not rows or not datasets:
+        return
+    print("| model | " + " | ".join(datasets) + " |")
+    print("|---|" + "---|" * len(datasets))
+    for label, results in rows:
+        print(f"| {label} | " + " | ".join(f"{results[d]['ppl']:.3f}" for d in datasets) + " |")
+
+
+def quantize_command(args: argparse.Namespace) -> int:
+    config = config_from_args(args)
+    if args.out and Path(args.out).exists() and not args.overwrite:
+        raise FileExistsError(f"{args.out} already exists; pass --overwrite to replace it")
+    device = args.device or default_device()
+    dtype = parse_dtype(args.dtype, device)
+    times: dict[str, float] = {}
+    record: dict = {"command": "quantize", "model": args.model, "config": config.to_dict(),
+                    "versions": package_versions(), "device": device_description(device), "dtype": str(dtype)}
+
+    t = time.perf_counter()
+    source = resolve_model_source(args.model)
+    tokenizer = load_tokenizer(source)
+    model = load_model(source, dtype)
+    times["load"] = time.perf_counter() - t
+    rows = []
+    if args.eval_fp and args.eval_ppl:
+        model.to(device)
+        t = time.perf_counter()
+        record["fp_results"] = _evaluate(model, tokenizer, args.eval_ppl, args, device, "FP")
+        times["eval_fp"] = time.perf_counter() - t
+        rows.append(("FP", record["fp_results"]))
+        model.to("cpu")
+
+    calibration = None
+    if config.method != "rtn" or config.weight_quantizer == "gptq":
+        spec = CalibrationSpec(args.calib, args.nsamples, args.seqlen, args.seed)
+        t = time.perf_counter()
+        calibration = calibration_tokens(tokenizer, spec, model.config.vocab_size, args.data_dir)
+        times["calibration_data"] = time.perf_counter() - t
+        record["calibration"] = spec.to_dict() | {"token_sha256": token_hash(calibration)}
+    else:
+        record["calibration"] = None
+
+    report = quantize(model, config, calibration, device, batch_size=args.calib_batch_size, progress=not args.quiet)
+    times["quantize"] = report.seconds
+    record["quantize_stages"] = report.stage_seconds
+    log.info("%s: quantization took %.1f s on %s", config.describe(), report.seconds, record["device"])
+
+    if args.eval_ppl:
+        model.to(device)
+        t = time.perf_counter()
+        record["results"] = _evaluate(model, tokenizer, args.eval_ppl, args, device, config.describe())
+        times["eval"] = time.perf_counter() - t
+        rows.append((config.describe(), record["results"]))
+    record["seconds"] = {k: round(v, 2) for k, v in times.items()}
+    if args.out:
+        model.to("cpu")
+        t = time.perf_counter()
+        save_quantized(model, tokenizer, args.out, config, record, overwrite=args.overwrite)
+        record["seconds"]["save"] = round(time.perf_counter() - t, 2)
+        log.info("saved to %s", args.out)
+    if args.json:
+        Path(args.json).write_text(json.dumps(record, indent=2, default=str))
+    _print_table(rows, args.eval_ppl)
+    return 0
+
+
+def load_for_inference(spec: str, device: str, dtype_name: str | None):
+    """A saved quantized directory, or any full-precision model spec; returns (model, tokenizer, label)."""
+    if is_quantized_dir(spec):
+        dtype = None if dtype_name in (None, "auto") else parse_dtype(dtype_name, device)
+        model, config, _ = load_quantized(spec, device, dtype)
+        return model, AutoTokenizer.from_pretrained(spec), config.describe()
+    source = resolve_model_source(spec)
+    model = load_model(source, parse_dtype(dtype_name, device)).to(device)
+    return model, load_tokenizer(source), "FP"
+
+
+def eval_command(args: argparse.Namespace) -> int:
+    device = args.device or default_device()
+    model, tokenizer, label = load_for_inference(args.model, device, args.dtype)
+    args.eval_seqlen = args.seqlen
+    results = _evaluate(model, tokenizer, args.ppl, args, device, label)
+    _print_table([(label, results)], args.ppl)
+    if args.json:
+        record = {"command": "eval", "model": args.model, "label": label, "results": results,
+                  "versions": package_versions(), "device": device_description(device)}
+        Path(args.json).write_text(json.dumps(record, indent=2))
+    return 0
+
+
+@torch.no_grad()
+def generate_command(args: argparse.Namespace) -> int:
+    device = args.device or default_device()
+    model, tokenizer, _ = load_for_inference(args.model, device, args.dtype)
+    if args.chat:
+        text = tokenizer.apply_chat_template([{"role": "user", "content": args.prompt}], tokenize=False,
+                                             add_generation_prompt=True)
+    else:
+        text = args.prompt
+    inputs = tokenizer(text, return_tensors="pt").to(device)
+    output = model.generate(**inputs, max_new_tokens=args.max_new_tokens, do_sample=False)
+    print(tokenizer.decode(output[0, inputs.input_ids.shape[1]:], skip_special_tokens=True))
+    return 0

@@ -1,0 +1,132 @@
+"""Entry points the model calls. Each picks a Triton kernel for CUDA tensors and falls
+back to the pure-PyTorch reference on CPU or where Triton is missing (CI is CPU-only:
+nothing here imports Triton until a CUDA tensor arrives).
+
+Shapes: x [..., K] bf16; a [..., K] int8 or float8_e4m3fn holding q − z ∈ [−15, 15];
+s_x float32 [...] (one scale per token); y [..., N] bf16.
+"""
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+
+from duquant.kernels import reference as ref
+from duquant.kernels.weight import PackedWeight
+
+# Largest token count served by the packed-weight decode kernel. Its first version is
+# slower than BF16 already at M = 16 (results/kernels/NOTES.md), so keep it small.
+DECODE_MAX_M = 16
+# The fused Hadamard kernel failed parity on the first H100 run (suspected race); until a
+# run passes, hadamard_quantize uses the reference on every device.
+HADAMARD_KERNEL_VERIFIED = False
+# Carrier of the prefill GEMM: "fp8" (cuBLAS _scaled_mm) or "int8" (Triton). Chosen from
+# results/kernels (the faster one on H100 at LLaMA-2-7B shapes).
+PREFILL_CARRIER = "fp8"
+
+
+@functools.lru_cache(maxsize=1)
+def triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except Exception:  # ImportError, or a broken install must not break CPU users
+        return False
+    return True
+
+
+def use_triton(t: torch.Tensor) -> bool:
+    """True for CUDA tensors when Triton imports; DUQUANT_TRITON_INTERPRET=1 also sends CPU
+    tensors to the kernels (with TRITON_INTERPRET=1, for testing without a GPU)."""
+    if not triton_available():
+        return False
+    return t.is_cuda or os.environ.get("DUQUANT_TRITON_INTERPRET") == "1"
+
+
+def act_dtype(m: int) -> torch.dtype:
+    """Carrier the transform should emit for a GEMM over m tokens (what `w4a4_linear` wants)."""
+    if m > DECODE_MAX_M and m % 16 == 0 and PREFILL_CARRIER == "fp8":
+        return torch.float8_e4m3fn
+    return torch.int8
+
+
+def _leading(x: torch.Tensor) -> tuple[int, ...]:
+    return tuple(x.shape[:-1])
+
+
+def transform_quantize(x: torch.Tensor, rot1: torch.Tensor | None = None, perm: torch.Tensor | None = None,
+                       rot2: torch.Tensor | None = None, smooth: torch.Tensor | None = None, bits: int = 4,
+                       clip: float = 0.9, out_dtype: torch.dtype | None = None,
+                       precise: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """DuQuant online transform + per-token asymmetric quantization.
+
+    x [..., K] (bf16/fp16/fp32); rot1, rot2 [n, n] (n | K); perm int64 [K]; smooth [K].
+    Returns a [..., K] (out_dtype: int8 or float8_e4m3fn; default `act_dtype(M)`) and
+    s_x float32 [...]. precise=True: TF32 rotations (else bf16 operands, fp32 accumulate).
+    """
+    m = x.numel() // x.shape[-1]
+    out_dtype = out_dtype or act_dtype(m)
+    if use_triton(x):
+        from duquant.kernels.triton_transform import duquant_quantize
+        a, s = duquant_quantize(x, rot1, perm, rot2, smooth, bits, clip, out_dtype, precise)
+    else:
+        a, s = ref.transform_quantize_ref(x, rot1, perm, rot2, smooth, bits, clip)
+        a = a.to(torch.float32).to(out_dtype) if out_dtype != torch.int8 else a
+    return a.reshape(x.shape), s.reshape(_leading(x))
+
+
+def hadamard_quantize(x: torch.Tensor, had_m: torch.Tensor | None = None, bits: int = 4, clip: float = 0.9,
+                      out_dtype: torch.dtype | None = None, precise: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """QuaRot online Hadamard (x @ (H_m ⊗ H_p)/√K, had_m the ±1 m×m factor or None) +
+    per-token asymmetric quantization. Same outputs as `transform_quantize`."""
+    m = x.numel() // x.shape[-1]
+    out_dtype = out_dtype or act_dtype(m)
+    if use_triton(x) and HADAMARD_KERNEL_VERIFIED:
+        from duquant.kernels.triton_hadamard import hadamard_quantize as _kernel
+        a, s = _kernel(x, had_m, bits, clip, out_dtype, precise)
+    else:
+        a, s = ref.hadamard_quantize_ref(x, had_m, bits, clip)
+        a = a.to(torch.float32).to(out_dtype) if out_dtype != torch.int8 else a
+    return a.reshape(x.shape), s.reshape(_leading(x))
+
+
+def _prefill(a: torch.Tensor, s_x: torch.Tensor, w: PackedWeight, bias: torch.Tensor | None,
+             out_dtype: torch.dtype) -> torch.Tensor:
+    from duquant.kernels import triton_gemm as g
+    fp8_ok = a.shape[0] % 16 == 0 and w.in_features % 16 == 0 and w.out_features % 16 == 0
+    carrier = torch.float8_e4m3fn if (a.dtype == torch.float8_e4m3fn and fp8_ok) else torch.int8
+    if a.dtype != carrier:
+        a = a.to(torch.float32).to(carrier)
+    w8 = w.w8 if w.w8 is not None and w.w8.dtype == carrier else g.expand_w4(w.packed, w.zero, carrier)
+    if carrier == torch.float8_e4m3fn:
+        return g.fp8_gemm(a, s_x, w8, w.scale, bias, out_dtype)
+    return g.int8_gemm(a, s_x, w8, w.scale, bias, out_dtype)
+
+
+def w4a4_linear(a: torch.Tensor, s_x: torch.Tensor, weight: PackedWeight, bias: torch.Tensor | None = None,
+                out_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """y = s_x · s_w · (a @ (q_w − z_w)ᵀ) (+ bias): a [..., K] int8/e4m3, s_x float32 [...],
+    weight [N, K] packed W4 -> y [..., N]. M ≤ DECODE_MAX_M uses the packed-weight decode
+    kernel; larger M the 8-bit prefill GEMM (weight.w8, or a transient expansion)."""
+    k = a.shape[-1]
+    a2 = a.reshape(-1, k)
+    s2 = s_x.reshape(-1).to(torch.float32)
+    m = a2.shape[0]
+    if not use_triton(a) or weight.group_size:
+        y = ref.w4a4_linear_ref(a2.to(torch.float32).to(torch.int8) if a2.dtype != torch.int8 else a2, s2,
+                                weight, bias, out_dtype)
+    elif m <= DECODE_MAX_M:
+        from duquant.kernels.triton_decode import w4a8_decode
+        y = w4a8_decode(a2, s2, weight.packed, weight.scale, weight.zero, bias, out_dtype)
+    else:
+        y = _prefill(a2, s2, weight, bias, out_dtype)
+    return y.reshape(*a.shape[:-1], weight.out_features)
+
+
+def duquant_linear(x: torch.Tensor, weight: PackedWeight, rot1: torch.Tensor | None = None,
+                   perm: torch.Tensor | None = None, rot2: torch.Tensor | None = None,
+                   smooth: torch.Tensor | None = None, bias: torch.Tensor | None = None, bits: int = 4,
+                   clip: float = 0.9) -> torch.Tensor:
+    """Whole W4A4 DuQuant linear: transform + quantize x, then the W4 GEMM. x [..., K] -> [..., N]."""
+    a, s = transform_quantize(x, rot1, perm, rot2, smooth, bits, clip)
+    return w4a4_linear(a, s, weight, bias, x.dtype if x.dtype != torch.float32 else torch.bfloat16)

@@ -1,0 +1,32 @@
+"""Triton device helpers shared by the transform kernels: per-token asymmetric quantization
+with exactly the shared quantizer's arithmetic (float32, IEEE division, round half to even).
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+@triton.jit
+def rint(v):
+    # Adding and subtracting 1.5·2^23 rounds a float32 |v| < 2^22 to the nearest integer,
+    # ties to even (the rounding of the add itself), as torch.round does. Unlike
+    # libdevice.rint it also runs in Triton's CPU interpreter.
+    return (v + 12582912.0) - 12582912.0
+
+
+@triton.jit
+def asym_qparams(row_min, row_max, clip, qmax):
+    """Scale Δ = (max − min)·clip / qmax (≥ 1e-8) and zero z = −round(min·clip / Δ), per row."""
+    lo = row_min * clip
+    hi = row_max * clip
+    scale = tl.maximum(tl.math.div_rn(hi - lo, qmax), 1e-8)
+    zero = -rint(tl.math.div_rn(lo, scale))
+    return scale, zero
+
+
+@triton.jit
+def centered_codes(y, scale, zero, qmax):
+    """q − z for y [R, C] given per-row scale/zero [R]: q = clamp(round(y/Δ) + z, 0, qmax)."""
+    q = rint(tl.math.div_rn(y, scale[:, None])) + zero[:, None]
+    q = tl.minimum(tl.maximum(q, 0.0), qmax)
+    return tl.minimum(tl.maximum(q - zero[:, None], -128.0), 127.0)

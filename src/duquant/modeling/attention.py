@@ -1,0 +1,62 @@
+"""Quantization of the attention operands (Q, K after RoPE; V) through transformers' attention interface.
+
+The model keeps its own attention modules. We register an attention function named
+"duquant" that quantizes Q, K and V per (token, head) and then runs PyTorch's SDPA; each
+attention module carries an `AttentionQuantizer` describing what to do. Q and K are first
+multiplied by a normalised Hadamard of size head_dim (which leaves Q·Kᵀ unchanged and
+spreads their outliers); the softmax output stays in 16 bit.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+from ..quant.quantizer import QuantSpec, fake_quantize
+from ..transforms.hadamard import apply_hadamard
+
+ATTENTION_NAME = "duquant"
+
+
+class AttentionQuantizer(nn.Module):
+    """What to do with Q, K, V of one attention module (no parameters of its own)."""
+
+    def __init__(self, q_spec: QuantSpec | None, k_spec: QuantSpec | None, v_spec: QuantSpec | None,
+                 qk_hadamard: bool) -> None:
+        super().__init__()
+        self.q_spec, self.k_spec, self.v_spec = q_spec, k_spec, v_spec
+        self.qk_hadamard = qk_hadamard
+
+    def rotate_qk(self, x: torch.Tensor) -> torch.Tensor:
+        return apply_hadamard(x) if self.qk_hadamard else x
+
+    def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor):
+        # Shapes [batch, heads, tokens, head_dim]: a row of the last dim is one (token, head).
+        query = fake_quantize(self.rotate_qk(query), self.q_spec)
+        key = fake_quantize(self.rotate_qk(key), self.k_spec)
+        value = fake_quantize(value, self.v_spec)
+        return query, key, value
+
+    def extra_repr(self) -> str:
+        bits = lambda s: 16 if s is None else s.bits  # noqa: E731
+        return f"Q{bits(self.q_spec)} K{bits(self.k_spec)} V{bits(self.v_spec)}, qk_hadamard={self.qk_hadamard}"
+
+
+def quantized_attention(module: nn.Module, query, key, value, attention_mask, **kwargs):
+    quantizer = getattr(module, "qkv_quantizer", None)
+    if quantizer is not None:
+        query, key, value = quantizer(query, key, value)
+    return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+
+
+def register_attention() -> None:
+    """Make `attn_implementation="duquant"` known to transformers (idempotent)."""
+    AttentionInterface.register(ATTENTION_NAME, quantized_attention)
+    AttentionMaskInterface.register(ATTENTION_NAME, sdpa_mask)
+
+
+def use_quantized_attention(model: nn.Module) -> None:
+    register_attention()
+    model.set_attn_implementation(ATTENTION_NAME)

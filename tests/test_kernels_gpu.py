@@ -1,0 +1,157 @@
+"""Parity of each Triton W4A4 kernel with its pure-PyTorch reference, on odd shapes.
+
+Outputs are poisoned first (the caching allocator hands the kernels memory that was
+filled with 0x7F bytes: code 127, scale 3.4e38), inputs are fresh random draws.
+Skipped without CUDA (CI is CPU-only).
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+
+MS = [1, 7, 33, 2048]
+KS = [576, 1536, 4096, 11008]
+NS = [576, 1536, 4096, 11008]
+# Dense ±1 factor m of K = m·2^k for the Hadamard path (any ±1 matrix exercises the kernel).
+HAD_M = {576: 36, 1536: 12, 4096: 1, 11008: 172}
+
+
+def _poison_allocator() -> None:
+    junk = torch.full((1 << 28,), 0x7F, dtype=torch.uint8, device="cuda")
+    del junk  # its blocks go back to the cache and are reused by the next torch.empty
+
+
+def _orthogonal(n: int) -> torch.Tensor:
+    q, _ = torch.linalg.qr(torch.randn(n, n, device="cuda", dtype=torch.float64))
+    return q.float().contiguous()
+
+
+def _block(k: int) -> int:
+    return 128 if k % 128 == 0 else 64
+
+
+def _check_codes(a: torch.Tensor, s: torch.Tensor, ar: torch.Tensor, sr: torch.Tensor, precise: bool) -> None:
+    assert torch.isfinite(s).all()
+    assert int(a.to(torch.float32).abs().max()) <= 15, "unwritten or out-of-range codes"
+    assert float(((s - sr).abs() / sr).max()) <= (5e-3 if precise else 2e-2)  # precise = TF32 operands
+    diff = (a.to(torch.int16) - ar.to(torch.int16)).abs()
+    assert int(diff.max()) <= 1
+    assert float((diff > 0).float().mean()) <= (5e-3 if precise else 3e-2)
+
+
+@pytest.mark.parametrize("k", KS)
+@pytest.mark.parametrize("m", MS)
+@pytest.mark.parametrize("precise", [False, True])
+def test_duquant_transform_quantize(m: int, k: int, precise: bool) -> None:
+    from duquant.kernels import reference as ref
+    from duquant.kernels.triton_transform import duquant_quantize
+    n = _block(k)
+    x = torch.randn(m, k, device="cuda").to(torch.bfloat16)
+    x[:, torch.randint(0, k, (4,))] *= 20  # outlier channels, as in real activations
+    rot1, rot2 = _orthogonal(n), _orthogonal(n)
+    perm = torch.randperm(k, device="cuda")
+    smooth = torch.rand(k, device="cuda") + 0.5
+    _poison_allocator()
+    a, s = duquant_quantize(x, rot1, perm, rot2, smooth, 4, 0.9, torch.int8, precise)
+    torch.cuda.synchronize()
+    ar, sr = ref.transform_quantize_ref(x, rot1, perm, rot2, smooth, 4, 0.9)
+    _check_codes(a, s, ar, sr, precise)
+
+
+@pytest.mark.parametrize("stages", [(True, False, False, False), (False, True, True, False), (False, False, False, True)])
+def test_duquant_transform_optional_stages(stages: tuple[bool, bool, bool, bool]) -> None:
+    from duquant.kernels import reference as ref
+    from duquant.kernels.triton_transform import duquant_quantize
+    m, k, n = 33, 1536, 128
+    use_r1, use_perm, use_r2, use_smooth = stages
+    x = torch.randn(m, k, device="cuda").to(torch.bfloat16)
+    args = (_orthogonal(n) if use_r1 else None, torch.randperm(k, device="cuda") if use_perm else None,
+            _orthogonal(n) if use_r2 else None, torch.rand(k, device="cuda") + 0.5 if use_smooth else None)
+    _poison_allocator()
+    a, s = duquant_quantize(x, *args, 4, 0.9, torch.float8_e4m3fn, True)
+    ar, sr = ref.transform_quantize_ref(x, *args, 4, 0.9)
+    _check_codes(a.to(torch.float32).to(torch.int8), s, ar, sr, True)
+
+
+@pytest.mark.xfail(reason="first H100 run: scale off by 4-58% on some (M, K) at random: suspected race; "
+                   "ops.hadamard_quantize uses the reference until this passes", strict=False)
+@pytest.mark.parametrize("k", KS)
+@pytest.mark.parametrize("m", MS)
+@pytest.mark.parametrize("precise", [False, True])
+def test_hadamard_quantize(m: int, k: int, precise: bool) -> None:
+    from duquant.kernels import reference as ref
+    from duquant.kernels.triton_hadamard import hadamard_quantize
+    mm = HAD_M[k]
+    had_m = None if mm == 1 else (torch.randint(0, 2, (mm, mm), device="cuda") * 2 - 1).float()
+    x = torch.randn(m, k, device="cuda").to(torch.bfloat16)
+    _poison_allocator()
+    a, s = hadamard_quantize(x, had_m, 4, 0.9, torch.int8, precise)
+    torch.cuda.synchronize()
+    ar, sr = ref.hadamard_quantize_ref(x, had_m, 4, 0.9)
+    _check_codes(a, s, ar, sr, precise)
+
+
+def _weight_and_acts(m: int, n: int, k: int, prefill: str | None):
+    from duquant.kernels.weight import quantize_weight
+    pw = quantize_weight(torch.randn(n, k, device="cuda"), prefill=prefill)
+    a = torch.randint(-15, 16, (m, k), device="cuda", dtype=torch.int8)
+    s_x = torch.rand(m, device="cuda") + 0.05
+    bias = torch.randn(n, device="cuda").to(torch.bfloat16)
+    return pw, a, s_x, bias
+
+
+def _close(y: torch.Tensor, yr: torch.Tensor, tol: float = 2e-3) -> None:
+    assert torch.isfinite(y.float()).all()
+    rel = float((y.float() - yr.float()).norm() / yr.float().norm())
+    assert rel < tol, rel  # both sides are exact up to bf16 output rounding
+
+
+@pytest.mark.parametrize("n", NS)
+@pytest.mark.parametrize("k", KS)
+@pytest.mark.parametrize("m", [1, 7, 33, 64])
+def test_decode_gemm(m: int, k: int, n: int) -> None:
+    from duquant.kernels import reference as ref
+    from duquant.kernels.triton_decode import w4a8_decode
+    pw, a, s_x, bias = _weight_and_acts(m, n, k, None)
+    for b in (None, bias):
+        _poison_allocator()
+        y = w4a8_decode(a, s_x, pw.packed, pw.scale, pw.zero, b)
+        _close(y, ref.w4a4_linear_ref(a, s_x, pw, b))
+
+
+@pytest.mark.parametrize("n", NS)
+@pytest.mark.parametrize("k", KS)
+@pytest.mark.parametrize("m", [80, 2048])
+def test_prefill_gemm_int8_and_fp8(m: int, k: int, n: int) -> None:
+    from duquant.kernels import reference as ref
+    from duquant.kernels.triton_gemm import expand_w4, fp8_gemm, int8_gemm
+    pw, a, s_x, bias = _weight_and_acts(m, n, k, "int8")
+    yr = ref.w4a4_linear_ref(a, s_x, pw, bias)
+    _poison_allocator()
+    _close(int8_gemm(a, s_x, pw.w8, pw.scale, bias), yr)
+    w_fp8 = expand_w4(pw.packed, pw.zero, torch.float8_e4m3fn)
+    assert torch.equal(w_fp8.to(torch.float32), pw.w8.to(torch.float32))
+    a_fp8 = a.to(torch.float32).to(torch.float8_e4m3fn)
+    _close(fp8_gemm(a_fp8, s_x, w_fp8, pw.scale), ref.w4a4_linear_ref(a, s_x, pw))
+    # the bias is added to the bf16 product (one more bf16 rounding): looser bound
+    _close(fp8_gemm(a_fp8, s_x, w_fp8, pw.scale, bias), yr, tol=5e-3)
+
+
+@pytest.mark.parametrize("m", [1, 33, 2048])
+def test_ops_end_to_end(m: int) -> None:
+    from duquant.kernels import ops
+    from duquant.kernels import reference as ref
+    from duquant.kernels.weight import quantize_weight
+    k, n = 4096, 1536
+    x = torch.randn(m, k, device="cuda").to(torch.bfloat16)
+    rot1, rot2, perm = _orthogonal(128), _orthogonal(128), torch.randperm(k, device="cuda")
+    pw = quantize_weight(torch.randn(n, k, device="cuda"), prefill=ops.PREFILL_CARRIER)
+    a, s = ops.transform_quantize(x, rot1, perm, rot2, None, precise=True)
+    assert a.dtype == ops.act_dtype(m)
+    y = ops.w4a4_linear(a, s, pw)
+    ai = a.to(torch.float32).to(torch.int8)
+    _close(y, ref.w4a4_linear_ref(ai, s, pw))
+    ar, sr = ref.transform_quantize_ref(x, rot1, perm, rot2, None)
+    assert float((ai.to(torch.int16) - ar.to(torch.int16)).abs().float().mean()) < 5e-3

@@ -1,0 +1,132 @@
+"""CPU semantics of the W4A4 kernel references (duquant.kernels.reference) and the CPU
+fallbacks of duquant.kernels.ops."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from duquant.kernels import ops
+from duquant.kernels import reference as ref
+from duquant.kernels.weight import prepare_weight, quantize_weight
+from duquant.quant.packing import pack_codes, unpack_codes
+from duquant.quant.quantizer import QuantSpec, compute_qparams, dequantize, quantize
+
+
+def _orthogonal(n: int, gen: torch.Generator) -> torch.Tensor:
+    q, _ = torch.linalg.qr(torch.randn(n, n, generator=gen, dtype=torch.float64))
+    return q.to(torch.float32).contiguous()
+
+
+@pytest.fixture
+def gen() -> torch.Generator:
+    return torch.Generator().manual_seed(1234)
+
+
+@pytest.mark.parametrize("m,k,n", [(1, 576, 64), (7, 1536, 128), (5, 256, 128)])
+def test_transform_quantize_matches_shared_quantizer(m: int, k: int, n: int, gen: torch.Generator) -> None:
+    x = torch.randn(m, k, generator=gen).to(torch.bfloat16)
+    rot1, rot2 = _orthogonal(n, gen), _orthogonal(n, gen)
+    perm = torch.randperm(k, generator=gen)
+    smooth = torch.rand(k, generator=gen) + 0.5
+    a, s = ref.transform_quantize_ref(x, rot1, perm, rot2, smooth, bits=4, clip=0.9)
+    # The transform written out densely in float64, then the shared quantizer in float32.
+    eye = torch.eye(k // n, dtype=torch.float64)
+    dense = torch.diag(1 / smooth.double()) @ torch.kron(eye, rot1.double())
+    dense = dense[:, perm] @ torch.kron(eye, rot2.double())
+    h = (x.double() @ dense).float()
+    assert torch.allclose(ref.duquant_transform_ref(x, rot1, perm, rot2, smooth), h, atol=1e-5, rtol=1e-5)
+    spec = QuantSpec(bits=4, symmetric=False, clip=0.9)
+    h = ref.duquant_transform_ref(x, rot1, perm, rot2, smooth)
+    scale, zero = compute_qparams(h, spec)
+    q = quantize(h, scale, zero, spec)
+    assert a.dtype == torch.int8 and s.dtype == torch.float32 and s.shape == (m,)
+    assert torch.equal(a.to(torch.float32), q.to(torch.float32) - zero)
+    assert torch.equal(s, scale.squeeze(-1))
+    assert torch.equal(a.to(torch.float32) * s[:, None], dequantize(q, scale, zero))
+    assert int(a.abs().max()) <= 15
+
+
+def test_transform_stages_optional(gen: torch.Generator) -> None:
+    x = torch.randn(3, 4, 128, generator=gen)
+    a, s = ref.transform_quantize_ref(x, None, None, None, None)
+    spec = QuantSpec(bits=4, symmetric=False, clip=0.9)
+    scale, zero = compute_qparams(x.reshape(-1, 128), spec)
+    assert torch.equal(s, scale.squeeze(-1)) and a.shape == (12, 128)
+
+
+def test_block_rotate_is_block_diagonal_matmul(gen: torch.Generator) -> None:
+    h = torch.randn(4, 256, generator=gen)
+    rot = _orthogonal(64, gen)
+    dense = torch.kron(torch.eye(4), rot)
+    assert torch.allclose(ref.block_rotate(h, rot), h @ dense, atol=1e-5)
+
+
+@pytest.mark.parametrize("k,m", [(64, 1), (192, 12), (80, 20)])
+def test_hadamard_ref_is_dense_kronecker(k: int, m: int, gen: torch.Generator) -> None:
+    had_m = None if m == 1 else (torch.randint(0, 2, (m, m), generator=gen) * 2 - 1).float()
+    x = torch.randn(3, k, generator=gen)
+    dense = ref.sylvester(k // m) if had_m is None else torch.kron(had_m, ref.sylvester(k // m))
+    expect = x.double() @ dense.double() / math.sqrt(k)
+    assert torch.allclose(ref.hadamard_transform_ref(x, had_m).double(), expect, atol=1e-4)
+
+
+def test_hadamard_ref_is_orthonormal(gen: torch.Generator) -> None:
+    had_2 = torch.tensor([[1.0, 1.0], [1.0, -1.0]])  # a genuine Hadamard factor: H is orthonormal
+    x = torch.randn(5, 256, generator=gen)
+    y = ref.hadamard_transform_ref(x, had_2)
+    assert torch.allclose(y.norm(dim=1), x.norm(dim=1), rtol=1e-5)
+    a, s = ref.hadamard_quantize_ref(x, had_2)
+    assert a.shape == (5, 256) and s.shape == (5,)
+
+
+def test_pack_unpack_and_packed_weight(gen: torch.Generator) -> None:
+    codes = torch.randint(0, 16, (12, 64), generator=gen, dtype=torch.uint8)
+    packed = pack_codes(codes, 4)
+    assert packed.shape == (12, 32) and torch.equal(unpack_codes(packed, 4), codes)
+    assert torch.equal(packed[:, 0] & 0xF, codes[:, 0]) and torch.equal(packed[:, 0] >> 4, codes[:, 1])
+    zero = torch.randint(3, 12, (12,), generator=gen).float()
+    pw = prepare_weight(codes, torch.rand(12, generator=gen), zero, prefill="int8")
+    assert torch.equal(pw.codes(), codes)
+    assert torch.equal(pw.w8.to(torch.int16), codes.to(torch.int16) - zero.to(torch.int16)[:, None])
+    assert pw.nbytes()["packed"] == 12 * 32 and pw.nbytes()["w8"] == 12 * 64
+    fp8 = prepare_weight(codes, torch.rand(12, generator=gen), zero, prefill="fp8")
+    assert torch.equal(fp8.w8.to(torch.float32), pw.w8.to(torch.float32))  # |q − z| ≤ 15: exact in e4m3
+    with pytest.raises(ValueError):
+        prepare_weight(codes, torch.rand(12), torch.full((12,), -40.0), prefill="fp8")
+
+
+@pytest.mark.parametrize("group_size", [0, 32])
+def test_gemm_ref_matches_float64_dequantized_matmul(group_size: int, gen: torch.Generator) -> None:
+    m, n, k = 9, 24, 128
+    w = torch.randn(n, k, generator=gen)
+    pw = quantize_weight(w, group_size=group_size)
+    a = torch.randint(-15, 16, (m, k), generator=gen, dtype=torch.int8)
+    s_x = torch.rand(m, generator=gen) + 0.1
+    bias = torch.randn(n, generator=gen)
+    w_hat = dequantize(pw.codes(), pw.scale.reshape(n, -1).double(), pw.zero.reshape(n, -1).double(), group_size)
+    expect = (a.double() * s_x.double()[:, None]) @ w_hat.T + bias.double()
+    y = ref.w4a8_gemm_ref(a, s_x, pw.packed, pw.scale, pw.zero, bias, torch.float32, group_size=group_size)
+    assert torch.allclose(y.double(), expect, rtol=1e-5, atol=1e-4)
+    y16 = ref.w4a4_linear_ref(a, s_x, pw, bias)
+    assert y16.dtype == torch.bfloat16 and torch.allclose(y16.double(), expect, rtol=1e-2, atol=1e-2)
+
+
+def test_ops_fall_back_to_references_on_cpu(gen: torch.Generator) -> None:
+    x = torch.randn(2, 3, 128, generator=gen).to(torch.bfloat16)
+    rot = _orthogonal(64, gen)
+    perm = torch.randperm(128, generator=gen)
+    a, s = ops.transform_quantize(x, rot, perm, rot, None)
+    ar, sr = ref.transform_quantize_ref(x, rot, perm, rot, None)
+    assert a.shape == (2, 3, 128) and s.shape == (2, 3)
+    assert torch.equal(a.reshape(-1, 128), ar) and torch.equal(s.reshape(-1), sr)
+    a8, _ = ops.transform_quantize(x, rot, perm, rot, None, out_dtype=torch.float8_e4m3fn)
+    assert torch.equal(a8.to(torch.float32), a.to(torch.float32))
+    ah, sh = ops.hadamard_quantize(x, None)
+    assert torch.equal(ah.reshape(-1, 128), ref.hadamard_quantize_ref(x, None)[0])
+    pw = quantize_weight(torch.randn(40, 128, generator=gen))
+    y = ops.w4a4_linear(a, s, pw)
+    assert y.shape == (2, 3, 40) and y.dtype == torch.bfloat16
+    assert torch.equal(y.reshape(-1, 40), ref.w4a4_linear_ref(ar, sr, pw))
+    assert torch.equal(ops.duquant_linear(x, pw, rot, perm, rot), y)
