@@ -1,4 +1,4 @@
-"""Run a list of quantization settings on one model and write one JSON per run plus a markdown table.
+"""Run a list of quantization settings on one model; write all runs to runs.json plus a markdown table.
 
 The model is loaded once and deep-copied for every setting; every run uses the same
 calibration windows (same source, count, length and seed) and the same evaluation protocol.
@@ -117,8 +117,9 @@ def main() -> None:
                            progress=False)
             record["results"][d] = r.to_dict() | {"seconds": round(time.perf_counter() - t, 2)}
             logging.info("%s %s %.3f", name, d, r.ppl)
-        (out / f"{name}.json").write_text(json.dumps(record, indent=2))
         rows.append(record)
+        # One file for all runs, rewritten after each: a run cut short still leaves the finished ones.
+        (out / "runs.json").write_text(json.dumps({r["name"]: r for r in rows}, indent=2))
         del model
         if device.startswith("cuda"):
             torch.cuda.empty_cache()

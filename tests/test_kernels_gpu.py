@@ -58,6 +58,10 @@ def test_duquant_transform_quantize(m: int, k: int, precise: bool) -> None:
     torch.cuda.synchronize()
     ar, sr = ref.transform_quantize_ref(x, rot1, perm, rot2, smooth, 4, 0.9)
     _check_codes(a, s, ar, sr, precise)
+    if m == 2048 and not precise:  # the other tiles of the benchmark sweep
+        for bm, wp in ((32, (4, 8)), (128, (4, 8))):
+            a, s = duquant_quantize(x, rot1, perm, rot2, smooth, 4, 0.9, torch.int8, precise, block_m=bm, warps=wp)
+            _check_codes(a, s, ar, sr, precise)
 
 
 @pytest.mark.parametrize("stages", [(True, False, False, False), (False, True, True, False), (False, False, False, True)])
@@ -75,16 +79,15 @@ def test_duquant_transform_optional_stages(stages: tuple[bool, bool, bool, bool]
     _check_codes(a.to(torch.float32).to(torch.int8), s, ar, sr, True)
 
 
-@pytest.mark.xfail(reason="first H100 run: scale off by 4-58% on some (M, K) at random: suspected race; "
-                   "ops.hadamard_quantize uses the reference until this passes", strict=False)
 @pytest.mark.parametrize("k", KS)
 @pytest.mark.parametrize("m", MS)
 @pytest.mark.parametrize("precise", [False, True])
 def test_hadamard_quantize(m: int, k: int, precise: bool) -> None:
     from duquant.kernels import reference as ref
     from duquant.kernels.triton_hadamard import hadamard_quantize
+    from duquant.transforms.hadamard import _base_matrix
     mm = HAD_M[k]
-    had_m = None if mm == 1 else (torch.randint(0, 2, (mm, mm), device="cuda") * 2 - 1).float()
+    had_m = None if mm == 1 else _base_matrix(mm).to("cuda", torch.float32)
     x = torch.randn(m, k, device="cuda").to(torch.bfloat16)
     _poison_allocator()
     a, s = hadamard_quantize(x, had_m, 4, 0.9, torch.int8, precise)
@@ -102,7 +105,7 @@ def _weight_and_acts(m: int, n: int, k: int, prefill: str | None):
     return pw, a, s_x, bias
 
 
-def _close(y: torch.Tensor, yr: torch.Tensor, tol: float = 2e-3) -> None:
+def _close(y: torch.Tensor, yr: torch.Tensor, tol: float = 4e-3) -> None:
     assert torch.isfinite(y.float()).all()
     rel = float((y.float() - yr.float()).norm() / yr.float().norm())
     assert rel < tol, rel  # both sides are exact up to bf16 output rounding
@@ -110,7 +113,7 @@ def _close(y: torch.Tensor, yr: torch.Tensor, tol: float = 2e-3) -> None:
 
 @pytest.mark.parametrize("n", NS)
 @pytest.mark.parametrize("k", KS)
-@pytest.mark.parametrize("m", [1, 7, 33, 64])
+@pytest.mark.parametrize("m", [1, 7, 16, 33, 64])
 def test_decode_gemm(m: int, k: int, n: int) -> None:
     from duquant.kernels import reference as ref
     from duquant.kernels.triton_decode import w4a8_decode
@@ -119,6 +122,9 @@ def test_decode_gemm(m: int, k: int, n: int) -> None:
         _poison_allocator()
         y = w4a8_decode(a, s_x, pw.packed, pw.scale, pw.zero, b)
         _close(y, ref.w4a4_linear_ref(a, s_x, pw, b))
+    # a few tile configurations of the sweep in duquant.bench.kernels
+    for tune in (dict(block_n=32, block_k=1024, num_stages=2), dict(block_n=128, block_k=256, num_warps=8)):
+        _close(w4a8_decode(a, s_x, pw.packed, pw.scale, pw.zero, bias, **tune), ref.w4a4_linear_ref(a, s_x, pw, bias))
 
 
 @pytest.mark.parametrize("n", NS)
@@ -155,3 +161,28 @@ def test_ops_end_to_end(m: int) -> None:
     _close(y, ref.w4a4_linear_ref(ai, s, pw))
     ar, sr = ref.transform_quantize_ref(x, rot1, perm, rot2, None)
     assert float((ai.to(torch.int16) - ar.to(torch.int16)).abs().float().mean()) < 5e-3
+
+
+@pytest.mark.parametrize("m", [1, 5, 48])
+@pytest.mark.parametrize("hadamard", [False, True])
+def test_real_quant_linear_matches_simulated_on_gpu(m: int, hadamard: bool) -> None:
+    from duquant.modeling.qlinear import QuantLinear
+    from duquant.modeling.real_linear import RealQuantLinear
+    from duquant.quant.quantizer import QuantSpec, compute_qparams, quantize
+    from duquant.transforms.online import OnlineTransform
+    k, n = 1536, 576
+    t = (OnlineTransform(k, hadamard=True) if hadamard else
+         OnlineTransform(k, _orthogonal(128).cpu(), torch.randperm(k), _orthogonal(128).cpu()))
+    w = t.fold_into_weight(torch.randn(n, k, dtype=torch.float64)).float()
+    wspec = QuantSpec(bits=4, clip=1.0)
+    sim = QuantLinear(k, n, True, wspec, QuantSpec(bits=4, clip=0.9), t, torch.bfloat16)
+    scale, zero = compute_qparams(w, wspec)
+    sim.set_weight(codes=quantize(w, scale, zero, wspec), scale=scale, zero=zero)
+    sim.bias.data.normal_()
+    sim = sim.cuda()
+    real = RealQuantLinear(sim)
+    x = torch.randn(2, m, k, device="cuda").to(torch.bfloat16)
+    with torch.no_grad():
+        ys, yr = sim(x).float(), real(x).float()
+    assert yr.shape == ys.shape
+    assert float((yr - ys).norm() / ys.norm()) < 3e-2  # bf16 rotations + code flips

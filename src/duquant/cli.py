@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from .config import QuantConfig
+from .config import PRESETS, QuantConfig, preset_settings
 
 log = logging.getLogger("duquant")
 
@@ -40,7 +40,16 @@ def _add_eval_args(p: argparse.ArgumentParser, flag: str) -> None:
     p.add_argument("--eval-batch-size", type=int, default=None, help="windows per forward (default: 4 on CUDA, 1 on CPU)")
 
 
-def build_parser() -> argparse.ArgumentParser:
+# QuantConfig field -> `quantize` option dest, where the two names differ (for --preset).
+_CONFIG_TO_DEST = {"w_symmetric": "w_sym", "a_symmetric": "a_sym", "kv_symmetric": "kv_sym", "kv_bits": "kvbits"}
+
+
+def preset_defaults(preset: str) -> dict:
+    """The `quantize` option defaults a --preset sets (explicit options still win)."""
+    return {_CONFIG_TO_DEST.get(k, k): v for k, v in preset_settings(preset).items()}
+
+
+def build_parser(quantize_defaults: dict | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="duquant", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -48,18 +57,36 @@ def build_parser() -> argparse.ArgumentParser:
     q = sub.add_parser("quantize", help="quantize a model and optionally evaluate and save it")
     q.add_argument("model", help="hub id, local directory, .gguf file, or the alias smollm2-135m")
     q.add_argument("--method", choices=["rtn", "smoothquant", "duquant", "quarot"], default="duquant")
+    q.add_argument("--preset", choices=list(PRESETS), default=None,
+                   help="evaluation setting: duquant = asymmetric W/A, Q quantized, K/V at --abits, automatic clips "
+                        "(W 0.8, A/Q/K 0.9 at <=4 bits), RTN; quarot = symmetric W/A, Q in 16 bit, KV cache 4 bit asymmetric with "
+                        "clip 0.95, A clip 0.9, W clip 1.0, GPTQ. Sets defaults only: explicit options override it")
     q.add_argument("--wbits", type=_bits, default=4)
     q.add_argument("--abits", type=_bits, default=4)
     q.add_argument("--qkv-bits", type=_bits, default=None, help="Q/K/V attention operands (default: --abits)")
     q.add_argument("--kvbits", type=_bits, default=None, help="K and V (KV cache) bits (default: --qkv-bits)")
-    q.add_argument("--no-quantize-q", dest="quantize_q", action="store_false", help="keep Q in 16 bit (QuaRot setting)")
-    q.add_argument("--w-sym", action="store_true", help="symmetric weights (default asymmetric)")
-    q.add_argument("--a-sym", action="store_true", help="symmetric activations (default asymmetric)")
-    q.add_argument("--w-clip", type=float, default=0.8)
-    q.add_argument("--a-clip", type=float, default=0.9)
-    q.add_argument("--qk-clip", type=float, default=0.9)
+    q.add_argument("--quantize-q", action=argparse.BooleanOptionalAction, default=True,
+                   help="quantize Q too (DuQuant setting, default); --no-quantize-q keeps Q in 16 bit (QuaRot setting)")
+    q.add_argument("--w-sym", dest="w_sym", action="store_true", default=False, help="symmetric weights")
+    q.add_argument("--w-asym", dest="w_sym", action="store_false", help="asymmetric weights (default)")
+    q.add_argument("--a-sym", dest="a_sym", action="store_true", default=False, help="symmetric activations")
+    q.add_argument("--a-asym", dest="a_sym", action="store_false", help="asymmetric activations (default)")
+    q.add_argument("--kv-sym", dest="kv_sym", action="store_true", default=None,
+                   help="symmetric Q/K/V (KV cache) quantizer (default: as the activations)")
+    q.add_argument("--kv-asym", dest="kv_sym", action="store_false", help="asymmetric Q/K/V (KV cache) quantizer")
+    q.add_argument("--w-clip", type=float, default=None, help="weight clip ratio (default: 0.8 at <=4 bits, else 1.0)")
+    q.add_argument("--a-clip", type=float, default=None, help="activation clip ratio (default: 0.9 at <=4 bits, else 1.0)")
+    q.add_argument("--qk-clip", type=float, default=None,
+                   help="clip ratio of Q and K after their Hadamard (default: 0.9 at <=4 bits, else 1.0)")
+    q.add_argument("--v-clip", type=float, default=1.0, help="clip ratio of V")
     q.add_argument("--w-group-size", type=int, default=0)
-    q.add_argument("--weight-quantizer", choices=["rtn", "gptq"], default="rtn")
+    q.add_argument("--weight-quantizer", choices=["rtn", "gptq"], default="rtn",
+                   help="gptq: rounding with error feedback on the transformed weights (needs calibration)")
+    q.add_argument("--gptq-damp", type=float, default=0.01, help="GPTQ damping, a fraction of mean(diag H)")
+    q.add_argument("--gptq-act-order", action=argparse.BooleanOptionalAction, default=False,
+                   help="GPTQ: quantize columns in order of decreasing Hessian diagonal")
+    q.add_argument("--rotation", choices=["hadamard", "random"], default="hadamard",
+                   help="QuaRot residual rotation: random Hadamard (default) or random orthogonal")
     q.add_argument("--alpha", type=float, default=None, help="smoothing strength (default 0.6 duquant, 0.5 smoothquant)")
     q.add_argument("--no-smooth", dest="smooth", action="store_false", help="DuQuant without smoothing (ablation)")
     q.add_argument("--rotations", type=int, choices=[0, 1, 2], default=2, help="DuQuant block rotations (ablation)")
@@ -80,6 +107,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--json", default=None, help="write the run record (with results) to this file")
     _add_eval_args(q, "--eval-ppl")
     _add_runtime_args(q)
+    if quantize_defaults:
+        q.set_defaults(**quantize_defaults)
 
     e = sub.add_parser("eval", help="perplexity of a model or a saved quantized directory")
     e.add_argument("model")
@@ -97,8 +126,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = build_parser().parse_args(argv)
+    if getattr(args, "preset", None):  # parse again with the preset's values as defaults
+        args = build_parser(preset_defaults(args.preset)).parse_args(argv)
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     from . import commands  # noqa: PLC0415 - heavy imports only after parsing

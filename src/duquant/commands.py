@@ -15,6 +15,7 @@ from .config import QuantConfig
 from .data.calibration import CalibrationSpec, calibration_tokens, token_hash
 from .data.datasets import load_text
 from .evaluation.perplexity import perplexity
+from .modeling.kv_cache import QuantizedKVCache, has_quantized_kv
 from .model_loading import default_device, load_model, load_tokenizer, parse_dtype, resolve_model_source
 from .quantize import quantize
 from .run_record import device_description, package_versions
@@ -25,9 +26,10 @@ log = logging.getLogger("duquant")
 def config_from_args(args: argparse.Namespace) -> QuantConfig:
     return QuantConfig(
         method=args.method, wbits=args.wbits, abits=args.abits, qkv_bits=args.qkv_bits, kv_bits=args.kvbits,
-        quantize_q=args.quantize_q, w_symmetric=args.w_sym, a_symmetric=args.a_sym, w_clip=args.w_clip,
-        a_clip=args.a_clip, qk_clip=args.qk_clip, w_group_size=args.w_group_size,
-        weight_quantizer=args.weight_quantizer, smooth=args.smooth, smooth_alpha=args.alpha,
+        quantize_q=args.quantize_q, w_symmetric=args.w_sym, a_symmetric=args.a_sym, kv_symmetric=args.kv_sym,
+        w_clip=args.w_clip, a_clip=args.a_clip, qk_clip=args.qk_clip, v_clip=args.v_clip,
+        w_group_size=args.w_group_size, weight_quantizer=args.weight_quantizer, gptq_damp=args.gptq_damp,
+        gptq_act_order=args.gptq_act_order, rotation=args.rotation, smooth=args.smooth, smooth_alpha=args.alpha,
         smooth_weight_stat=args.smooth_weight_stat, rotations=args.rotations, permute=args.permute,
         block_size=args.block_size, rotation_steps=args.rotation_steps, exchange=args.exchange,
         prefix_criterion=args.prefix_criterion, seed=args.seed,
@@ -83,7 +85,7 @@ def quantize_command(args: argparse.Namespace) -> int:
         model.to("cpu")
 
     calibration = None
-    if config.method != "rtn" or config.weight_quantizer == "gptq":
+    if config.method not in ("rtn", "quarot") or config.weight_quantizer == "gptq":  # RTN and QuaRot-RTN need none
         spec = CalibrationSpec(args.calib, args.nsamples, args.seqlen, args.seed)
         t = time.perf_counter()
         calibration = calibration_tokens(tokenizer, spec, model.config.vocab_size, args.data_dir)
@@ -150,6 +152,8 @@ def generate_command(args: argparse.Namespace) -> int:
     else:
         text = args.prompt
     inputs = tokenizer(text, return_tensors="pt").to(device)
-    output = model.generate(**inputs, max_new_tokens=args.max_new_tokens, do_sample=False)
+    # A model with quantized K/V generates from a cache that holds the quantized codes.
+    cache = {"past_key_values": QuantizedKVCache(model)} if has_quantized_kv(model) else {}
+    output = model.generate(**inputs, max_new_tokens=args.max_new_tokens, do_sample=False, **cache)
     print(tokenizer.decode(output[0, inputs.input_ids.shape[1]:], skip_special_tokens=True))
     return 0

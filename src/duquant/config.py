@@ -21,6 +21,13 @@ FULL_PRECISION_BITS = 16
 _DEFAULT_ALPHA = {"smoothquant": 0.5, "duquant": 0.6}
 
 
+def _clip(explicit: float | None, bits: int, low_bit_ratio: float) -> float:
+    """The clip ratio in force: an explicit one, else the paper's ratio at <= 4 bits and 1.0 above."""
+    if explicit is not None:
+        return explicit
+    return low_bit_ratio if bits <= 4 else 1.0
+
+
 def _check_bits(name: str, bits: int) -> None:
     if not (2 <= bits <= 8 or bits == FULL_PRECISION_BITS):
         raise ValueError(f"{name} must be in 2..8 or 16 (not quantized), got {bits}")
@@ -41,9 +48,12 @@ class QuantConfig:
     w_symmetric: bool = False
     a_symmetric: bool = False
     kv_symmetric: bool | None = None  # None: same as a_symmetric
-    w_clip: float = 0.8
-    a_clip: float = 0.9
-    qk_clip: float = 0.9  # Q and K after their Hadamard
+    # Clip ratios; None = automatic: the paper's W4A4 ratios (W 0.8, A 0.9, Q/K 0.9) at 4 bits or
+    # fewer, no clipping at 5 bits or more (measured on SmolLM2: the fixed ratios cost W8A8
+    # DuQuant 7.5% perplexity, unclipped it is within 0.2% of FP; see results/README.md).
+    w_clip: float | None = None
+    a_clip: float | None = None
+    qk_clip: float | None = None  # Q and K after their Hadamard
     v_clip: float = 1.0
     w_group_size: int = 0  # 0: one group per output channel
     # --- weight rounding ---
@@ -62,7 +72,7 @@ class QuantConfig:
     exchange: str = "column"  # "column": the outlier's channel (paper); "row": reference quirk
     prefix_criterion: str = "absmax"  # "absmax" (paper) or "range" (reference: max − min)
     # --- QuaRot ---
-    rotation: str = "hadamard"  # "hadamard" or "random" (random orthogonal residual rotation)
+    rotation: str = "hadamard"  # residual rotation: "hadamard" (random ±1 · Hadamard) or "random" (Haar orthogonal)
     # --- reproducibility ---
     seed: int = 0
     version: int = CONFIG_VERSION
@@ -94,7 +104,8 @@ class QuantConfig:
             raise ValueError("rotation_steps must be >= 0")
         # Validate the clip ratios once, here, through the spec constructor.
         for clip in (self.w_clip, self.a_clip, self.qk_clip, self.v_clip):
-            QuantSpec(bits=4, clip=clip)
+            if clip is not None:
+                QuantSpec(bits=4, clip=clip)
 
     # --- derived settings -------------------------------------------------------------
     @property
@@ -108,12 +119,12 @@ class QuantConfig:
     def weight_spec(self) -> QuantSpec | None:
         if self.wbits == FULL_PRECISION_BITS:
             return None
-        return QuantSpec(self.wbits, self.w_symmetric, self.w_clip, self.w_group_size)
+        return QuantSpec(self.wbits, self.w_symmetric, _clip(self.w_clip, self.wbits, 0.8), self.w_group_size)
 
     def act_spec(self) -> QuantSpec | None:
         if self.abits == FULL_PRECISION_BITS:
             return None
-        return QuantSpec(self.abits, self.a_symmetric, self.a_clip)
+        return QuantSpec(self.abits, self.a_symmetric, _clip(self.a_clip, self.abits, 0.9))
 
     def _attention_bits(self, kv: bool) -> int:
         bits = self.qkv_bits if self.qkv_bits is not None else self.abits
@@ -128,15 +139,22 @@ class QuantConfig:
         bits = self._attention_bits(kv=False)
         if not self.quantize_q or bits == FULL_PRECISION_BITS:
             return None
-        return QuantSpec(bits, self._attention_symmetric(), self.qk_clip)
+        return QuantSpec(bits, self._attention_symmetric(), _clip(self.qk_clip, bits, 0.9))
 
     def k_spec(self) -> QuantSpec | None:
         bits = self._attention_bits(kv=True)
-        return None if bits == FULL_PRECISION_BITS else QuantSpec(bits, self._attention_symmetric(), self.qk_clip)
+        if bits == FULL_PRECISION_BITS:
+            return None
+        return QuantSpec(bits, self._attention_symmetric(), _clip(self.qk_clip, bits, 0.9))
 
     def v_spec(self) -> QuantSpec | None:
         bits = self._attention_bits(kv=True)
         return None if bits == FULL_PRECISION_BITS else QuantSpec(bits, self._attention_symmetric(), self.v_clip)
+
+    @classmethod
+    def from_preset(cls, preset: str, **overrides: Any) -> "QuantConfig":
+        """A config in one of the two evaluation settings of PRESETS; `overrides` win."""
+        return cls(**(preset_settings(preset) | overrides))
 
     def describe(self) -> str:
         """Short label such as 'duquant W4A4' used in logs and tables."""
@@ -162,3 +180,25 @@ class QuantConfig:
                 f"this checkpoint was written by a newer duquant (config version {data['version']}); upgrade duquant"
             )
         return cls(**data)
+
+
+# The two evaluation settings in which the DuQuant and QuaRot papers compare each other
+# (DuQuant paper Tables F20-F22). A preset fixes the quantizer shapes, not the method, so
+# that either method can be run in either setting; explicit settings override it.
+PRESETS: dict[str, dict[str, Any]] = {
+    # DuQuant: asymmetric W and A, Q quantized too, K/V at the activation bits, automatic clip
+    # ratios (W 0.8, A/Q/K 0.9 at <= 4 bits, none above), V unclipped, RTN weights.
+    "duquant": dict(w_symmetric=False, a_symmetric=False, kv_symmetric=None, quantize_q=True, qkv_bits=None,
+                    kv_bits=None, w_clip=None, a_clip=None, qk_clip=None, v_clip=1.0, weight_quantizer="rtn"),
+    # QuaRot: symmetric W and A, Q in 16 bit, KV cache 4 bit asymmetric (group = head_dim)
+    # with clip 0.95, activations clip 0.9, GPTQ weights without a clip ratio (QuaRot clips
+    # neither RTN nor GPTQ weights by a fixed ratio).
+    "quarot": dict(w_symmetric=True, a_symmetric=True, kv_symmetric=False, quantize_q=False, qkv_bits=None,
+                   kv_bits=4, w_clip=1.0, a_clip=0.9, qk_clip=0.95, v_clip=0.95, weight_quantizer="gptq"),
+}
+
+
+def preset_settings(preset: str) -> dict[str, Any]:
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+    return dict(PRESETS[preset])

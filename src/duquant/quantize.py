@@ -10,8 +10,9 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .config import QuantConfig
-from .methods.apply import install_attention_quantizer, quantize_layer_linears, round_to_nearest
+from .methods.apply import install_attention_quantizer, quantize_layer_linears
 from .methods.fitting import fit_group
+from .methods.gptq_layer import uses_gptq, weight_rounding
 from .methods.plan import GroupTransform
 from .methods.statistics import collect
 from .modeling.adapters import adapter_for, attention_shape
@@ -60,12 +61,11 @@ def quantize(model: nn.Module, config: QuantConfig, calibration: torch.Tensor | 
     adapter = adapter_for(model)
     shape = attention_shape(model.config)
     want_absmax, want_mean = _needs(config)
-    rounder = round_to_nearest
-    if config.weight_quantizer == "gptq":
-        raise NotImplementedError("GPTQ weight rounding is not available yet")
+    # GPTQ reads each layer's inputs from the quantized prefix, the stream DuQuant's rotations use.
+    want_prefix = want_mean or uses_gptq(config)
     report = QuantizationReport(config)
 
-    needs_data = want_absmax or want_mean
+    needs_data = want_absmax or want_prefix
     if needs_data and calibration is None:
         raise ValueError(f"method {config.method} needs calibration data")
     fp_inputs = q_inputs = None
@@ -74,7 +74,7 @@ def quantize(model: nn.Module, config: QuantConfig, calibration: torch.Tensor | 
         t = time.perf_counter()
         captured = capture_layer0_inputs(model, adapter, calibration, device, batch_size, offload)
         fp_inputs = captured if want_absmax else None
-        q_inputs = (captured.clone() if want_absmax else captured) if want_mean else None
+        q_inputs = (captured.clone() if want_absmax else captured) if want_prefix else None
         report.stage_seconds["capture"] = time.perf_counter() - t
 
     use_quantized_attention(model)  # quantized layers must quantize Q/K/V while calibrating, too
@@ -98,12 +98,14 @@ def quantize(model: nn.Module, config: QuantConfig, calibration: torch.Tensor | 
                 generator=layer_generator(config.seed, index, g), where=f"layer {index} {group.name}",
             )
         fit_time += time.perf_counter() - t
-        quantize_layer_linears(layer, adapter, plans, config, shape, rounder, prefix=f"{adapter.layers}.{index}.")
-        install_attention_quantizer(layer, adapter, config)
+        install_attention_quantizer(layer, adapter, config)  # before GPTQ runs the half-quantized layer
+        prefix = f"{adapter.layers}.{index}."
+        rounder, before_group = weight_rounding(config, layer, q_inputs, device, plans, prefix)
+        quantize_layer_linears(layer, adapter, plans, config, shape, rounder, prefix, before_group)
         if want_absmax:  # the full-precision stream feeds the next layer's smoothing statistics
             fp_inputs = fp_next
             check_finite(fp_inputs, index, "full-precision output")
-        if want_mean:  # the quantized prefix feeds the next layer's rotation statistics
+        if want_prefix:  # the quantized prefix feeds the next layer's rotation statistics and GPTQ
             q_inputs = run_layer(layer, q_inputs, device)
             check_finite(q_inputs, index)
         layer.to(home)

@@ -18,9 +18,10 @@ from duquant.kernels.weight import PackedWeight
 # Largest token count served by the packed-weight decode kernel. Its first version is
 # slower than BF16 already at M = 16 (results/kernels/NOTES.md), so keep it small.
 DECODE_MAX_M = 16
-# The fused Hadamard kernel failed parity on the first H100 run (suspected race); until a
-# run passes, hadamard_quantize uses the reference on every device.
-HADAMARD_KERNEL_VERIFIED = False
+# v1 of the fused Hadamard kernel failed parity on H100; v2 (the three-launch pipeline of
+# triton_transform) replaced it. DUQUANT_HADAMARD_KERNEL=0 sends hadamard_quantize to the
+# reference on every device.
+HADAMARD_KERNEL_VERIFIED = os.environ.get("DUQUANT_HADAMARD_KERNEL", "1") == "1"
 # Carrier of the prefill GEMM: "fp8" (cuBLAS _scaled_mm) or "int8" (Triton). Chosen from
 # results/kernels (the faster one on H100 at LLaMA-2-7B shapes).
 PREFILL_CARRIER = "fp8"
@@ -81,10 +82,14 @@ def hadamard_quantize(x: torch.Tensor, had_m: torch.Tensor | None = None, bits: 
     per-token asymmetric quantization. Same outputs as `transform_quantize`."""
     m = x.numel() // x.shape[-1]
     out_dtype = out_dtype or act_dtype(m)
+    a = None
     if use_triton(x) and HADAMARD_KERNEL_VERIFIED:
         from duquant.kernels.triton_hadamard import hadamard_quantize as _kernel
-        a, s = _kernel(x, had_m, bits, clip, out_dtype, precise)
-    else:
+        try:
+            a, s = _kernel(x, had_m, bits, clip, out_dtype, precise)
+        except ValueError:  # power-of-two part < 16: no tensor-core tiling, use the reference
+            a = None
+    if a is None:
         a, s = ref.hadamard_quantize_ref(x, had_m, bits, clip)
         a = a.to(torch.float32).to(out_dtype) if out_dtype != torch.int8 else a
     return a.reshape(x.shape), s.reshape(_leading(x))

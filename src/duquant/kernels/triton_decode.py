@@ -11,9 +11,34 @@ Zero point: Σ_k a·(q − z) = Σ_k a·q − z·Σ_k a, exact in int32.
 """
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
+
+
+_INTERPRET = tl.constexpr(os.environ.get("TRITON_INTERPRET") == "1")
+
+
+@triton.jit
+def _decode_step(w_tile, a_tile, k0, k_hi, m_ok, rh, rk, acc, a_sum, BLOCK_M: tl.constexpr, HALF: tl.constexpr,
+                 A_FP8: tl.constexpr, EVEN_K: tl.constexpr):
+    if EVEN_K:
+        p = tl.load(w_tile + k0 // 2)
+        a = tl.load(a_tile + k0, mask=m_ok[:, None], other=0.0)
+    else:
+        p = tl.load(w_tile + k0 // 2, mask=((k0 + 2 * rh) < k_hi)[None, :], other=0)
+        a = tl.load(a_tile + k0, mask=m_ok[:, None] & ((k0 + rk) < k_hi)[None, :], other=0.0)
+    if A_FP8:
+        a = a.to(tl.float32).to(tl.int8)
+    ae, ao = tl.split(tl.reshape(a, [BLOCK_M, HALF, 2]))
+    lo = (p & 0xF).to(tl.int8)
+    hi = (p >> 4).to(tl.int8)
+    acc = tl.dot(ae, tl.trans(lo), acc, out_dtype=tl.int32)
+    acc = tl.dot(ao, tl.trans(hi), acc, out_dtype=tl.int32)
+    a_sum += tl.sum(a.to(tl.int32), axis=1)
+    return acc, a_sum
 
 
 @triton.jit
@@ -23,40 +48,38 @@ def w4a8_decode_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
     HAS_BIAS: tl.constexpr, A_FP8: tl.constexpr, EVEN_K: tl.constexpr,
 ):
+    """v2: the packed weight tile is [BLOCK_N, BLOCK_K/2] bytes, contiguous along K (16-byte
+    vector loads, BLOCK_K/2 ≥ 128 bytes per row); the activations are one contiguous
+    [BLOCK_M, BLOCK_K] load split into even/odd columns in registers (v1 loaded them with
+    stride 2, one byte at a time)."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     HALF: tl.constexpr = BLOCK_K // 2
     rm = tl.arange(0, BLOCK_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rh = tl.arange(0, HALF)
+    rk = tl.arange(0, BLOCK_K)
     m_ok = rm < M
     n_ok = rn < N
+    rn_safe = tl.where(n_ok, rn, 0)  # clamp rows instead of masking: unmasked 16-byte loads
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.int32)
     a_sum = tl.zeros([BLOCK_M], dtype=tl.int32)
     k_lo = pid_k * k_per_split
     k_hi = tl.minimum(k_lo + k_per_split, K)
-    w_tile = w_ptr + rn[None, :].to(tl.int64) * stride_wn + rh[:, None]  # [HALF, BLOCK_N]
-    a_even = a_ptr + rm[:, None] * stride_am + 2 * rh[None, :]  # [BLOCK_M, HALF]
-    for k0 in range(k_lo, k_hi, BLOCK_K):
-        # EVEN_K (BLOCK_K | K and | k_per_split): no mask along K, so the packed bytes
-        # load as 16-byte vectors.
-        if EVEN_K:
-            k_ok = rh < HALF
-            p = tl.load(w_tile + k0 // 2, mask=n_ok[None, :], other=0)
-        else:
-            k_ok = (k0 + 2 * rh) < k_hi
-            p = tl.load(w_tile + k0 // 2, mask=k_ok[:, None] & n_ok[None, :], other=0)
-        lo = (p & 0xF).to(tl.int8)
-        hi = (p >> 4).to(tl.int8)
-        mask_a = m_ok[:, None] & k_ok[None, :]
-        ae = tl.load(a_even + k0, mask=mask_a, other=0.0)
-        ao = tl.load(a_even + k0 + 1, mask=mask_a, other=0.0)
-        if A_FP8:
-            ae = ae.to(tl.float32).to(tl.int8)
-            ao = ao.to(tl.float32).to(tl.int8)
-        acc = tl.dot(ae, lo, acc, out_dtype=tl.int32)
-        acc = tl.dot(ao, hi, acc, out_dtype=tl.int32)
-        a_sum += tl.sum(ae.to(tl.int32) + ao.to(tl.int32), axis=1)
+    # this split's own tile count (the last split may be shorter: run 2 read past k_hi there)
+    iters = (k_hi - k_lo + BLOCK_K - 1) // BLOCK_K
+    w_tile = w_ptr + rn_safe[:, None].to(tl.int64) * stride_wn + rh[None, :]  # [BLOCK_N, HALF]
+    a_tile = a_ptr + rm[:, None] * stride_am + rk[None, :]  # [BLOCK_M, BLOCK_K]
+    if _INTERPRET:  # Triton 3.6's interpreter cannot run `range` over a runtime bound
+        i = 0
+        while i < iters:
+            acc, a_sum = _decode_step(w_tile, a_tile, k_lo + i * BLOCK_K, k_hi, m_ok, rh, rk, acc, a_sum,
+                                      BLOCK_M, HALF, A_FP8, EVEN_K)
+            i += 1
+    else:
+        for i in range(0, iters):
+            acc, a_sum = _decode_step(w_tile, a_tile, k_lo + i * BLOCK_K, k_hi, m_ok, rh, rk, acc, a_sum,
+                                      BLOCK_M, HALF, A_FP8, EVEN_K)
     zw = tl.load(zw_ptr + rn, mask=n_ok, other=0.0)
     val = acc.to(tl.float32) - a_sum.to(tl.float32)[:, None] * zw[None, :]  # exact integers
     mask_o = m_ok[:, None] & n_ok[None, :]
@@ -91,17 +114,19 @@ def _num_sms(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
 
 
-def decode_config(m: int, n: int, k: int, num_sms: int) -> dict[str, int]:
-    """Tile sizes and split-K: enough programs (≥ ~2 per SM) that the weight stream saturates HBM."""
-    block_n = 32 if n >= 2048 else 16
-    block_k = next((b for b in (256, 128, 64) if k % b == 0), 64)  # prefer one that divides K
+def decode_config(m: int, n: int, k: int, num_sms: int, block_n: int = 64, block_k: int = 512,
+                  waves: int = 4, num_warps: int = 4, num_stages: int = 3) -> dict[str, int]:
+    """Tile sizes and split-K: enough programs (≥ `waves` per SM) that the weight stream
+    saturates HBM. Defaults from the H100 sweep in results/kernels (bench --level kernel)."""
+    while block_k > 64 and k % block_k:
+        block_k //= 2
     n_tiles = triton.cdiv(n, block_n)
     k_tiles = triton.cdiv(k, block_k)
     split_k = 1
-    while n_tiles * split_k < 2 * num_sms and split_k * 2 <= min(16, k_tiles):
+    while n_tiles * split_k < waves * num_sms and split_k * 2 <= min(32, k_tiles):
         split_k *= 2
     return {"BLOCK_M": max(16, triton.next_power_of_2(m)), "BLOCK_N": block_n, "BLOCK_K": block_k,
-            "SPLIT_K": split_k, "num_warps": 4, "num_stages": 4}
+            "SPLIT_K": split_k, "num_warps": num_warps, "num_stages": num_stages}
 
 
 _WS: dict[torch.device, torch.Tensor] = {}
@@ -117,7 +142,7 @@ def _workspace(numel: int, device: torch.device) -> torch.Tensor:
 
 def w4a8_decode(a: torch.Tensor, s_x: torch.Tensor, packed: torch.Tensor, w_scale: torch.Tensor,
                 w_zero: torch.Tensor, bias: torch.Tensor | None = None, out_dtype: torch.dtype = torch.bfloat16,
-                config: dict[str, int] | None = None) -> torch.Tensor:
+                config: dict[str, int] | None = None, **tune: int) -> torch.Tensor:
     """a int8/e4m3 [M, K] (M ≤ 64), packed uint8 [N, K/2] -> y [M, N] out_dtype."""
     m, k = a.shape
     n = packed.shape[0]
@@ -125,7 +150,7 @@ def w4a8_decode(a: torch.Tensor, s_x: torch.Tensor, packed: torch.Tensor, w_scal
         raise ValueError(f"the decode kernel takes at most 64 tokens, got {m}")
     if a.stride(-1) != 1:
         a = a.contiguous()
-    cfg = dict(config or decode_config(m, n, k, _num_sms(a.device)))
+    cfg = dict(config or decode_config(m, n, k, _num_sms(a.device), **tune))
     split_k = cfg["SPLIT_K"]
     k_per_split = triton.cdiv(triton.cdiv(k, split_k), cfg["BLOCK_K"]) * cfg["BLOCK_K"]
     out = torch.empty((m, n), dtype=out_dtype, device=a.device)

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from ..config import QuantConfig
-from ..modeling.adapters import AttentionShape, DecoderAdapter
+from ..modeling.adapters import AttentionShape, DecoderAdapter, LinearGroup
 from ..modeling.attention import AttentionQuantizer
 from ..modeling.qlinear import QuantLinear
 from ..quant.quantizer import QuantSpec, compute_qparams, quantize
@@ -63,8 +63,13 @@ def fold_smoothing(layer: nn.Module, adapter: DecoderAdapter, plans: dict[str, G
 
 def quantize_layer_linears(layer: nn.Module, adapter: DecoderAdapter, plans: dict[str, GroupTransform],
                            config: QuantConfig, shape: AttentionShape,
-                           rounder: WeightRounder = round_to_nearest, prefix: str = "") -> None:
-    """Fold `plans` into `layer` and replace each of its linears by a QuantLinear."""
+                           rounder: WeightRounder = round_to_nearest, prefix: str = "",
+                           before_group: Callable[[LinearGroup], None] | None = None) -> None:
+    """Fold `plans` into `layer` and replace each of its linears by a QuantLinear.
+
+    before_group(group), if given, is called before a group is rounded, when the norms are
+    already smoothed and the earlier groups already swapped: GPTQ records its Hessian there.
+    """
     names = adapter.linear_names()
     originals = {name: layer.get_submodule(name) for name in names}
     weights = {name: lin.weight.detach().double().cpu() for name, lin in originals.items()}
@@ -74,6 +79,8 @@ def quantize_layer_linears(layer: nn.Module, adapter: DecoderAdapter, plans: dic
     weight_spec, act_spec = config.weight_spec(), config.act_spec()
     for group in adapter.groups:
         plan = plans[group.name]
+        if before_group is not None:
+            before_group(group)
         for name in group.linears:
             original = originals[name]
             transform = None

@@ -30,6 +30,11 @@ class DecoderAdapter:
     mlp: str = "mlp"
     input_norm: str = "input_layernorm"
     post_attention_norm: str = "post_attention_layernorm"
+    # The linears that add into the residual stream, and the attention's V / output projections
+    # (QuaRot rotates the residual stream and fuses a per-head Hadamard between the latter two).
+    residual_writers: tuple[str, ...] = ("self_attn.o_proj", "mlp.down_proj")
+    v_proj: str = "self_attn.v_proj"
+    o_proj: str = "self_attn.o_proj"
     groups: tuple[LinearGroup, ...] = (
         LinearGroup("qkv", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), "input_layernorm", "norm"),
         LinearGroup("o", ("self_attn.o_proj",), "self_attn.v_proj", "linear"),

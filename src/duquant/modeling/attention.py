@@ -35,9 +35,23 @@ class AttentionQuantizer(nn.Module):
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor):
         # Shapes [batch, heads, tokens, head_dim]: a row of the last dim is one (token, head).
         query = fake_quantize(self.rotate_qk(query), self.q_spec)
-        key = fake_quantize(self.rotate_qk(key), self.k_spec)
-        value = fake_quantize(value, self.v_spec)
+        if not self._take_from_cache(key, value):
+            key = fake_quantize(self.rotate_qk(key), self.k_spec)
+            value = fake_quantize(value, self.v_spec)
         return query, key, value
+
+    # --- hand-over from a quantized KV cache (modeling/kv_cache.py) -----------------------
+    # A QuantizedKVCache rotates and quantizes K and V itself when it stores them; it hands
+    # the exact tensors it returns to this quantizer, which then must not rotate or quantize
+    # them a second time. Identity (`is`), not equality, so no other tensor is ever skipped.
+    _from_cache: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def expect_from_cache(self, key: torch.Tensor, value: torch.Tensor) -> None:
+        self._from_cache = (key, value)
+
+    def _take_from_cache(self, key: torch.Tensor, value: torch.Tensor) -> bool:
+        handed, self._from_cache = self._from_cache, None  # dropped at once: the cache owns the memory
+        return handed is not None and handed[0] is key and handed[1] is value
 
     def extra_repr(self) -> str:
         bits = lambda s: 16 if s is None else s.bits  # noqa: E731

@@ -1,0 +1,141 @@
+"""Real W4A4 execution of a quantized model: `RealQuantLinear` and `to_real_backend`.
+
+`QuantLinear` (the simulated mode) computes linear(fake_quant(x·G), dequant(W_q)). The
+real mode computes the same function from integers: the online transform x·G and the
+per-token asymmetric quantization produce a = q_x − z_x (int8 or e4m3 carriers) and the
+per-token scale; the GEMM multiplies a by the packed 4-bit weight codes minus their zero
+point and applies s_x·s_w in its epilogue:
+    y[t, j] = s_x[t]·s_w[j]·Σ_k a[t, k]·(q_w[j, k] − z_w[j])  (+ bias)
+which equals x̂·Ŵᵀ exactly up to float rounding. On CUDA the three stages run through the
+Triton kernels of `duquant.kernels.ops`; on CPU through their pure-PyTorch references, so
+the real mode also runs (slowly) without a GPU.
+
+Layers the kernels do not cover (16-bit or symmetric activations, weights other than
+4-bit, activation groups) keep the simulated forward; `to_real_backend` reports them.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..kernels import ops
+from ..kernels.weight import PackedWeight
+from .qlinear import QuantLinear
+
+
+def _hadamard_base(k: int, device: torch.device) -> torch.Tensor | None:
+    from ..transforms.hadamard import _base_matrix, _decompose
+
+    m, _ = _decompose(k)
+    return None if m == 1 else _base_matrix(m).to(device=device, dtype=torch.float32)
+
+
+def supports_real(layer: QuantLinear) -> bool:
+    """Whether the W4A4 kernels can run this layer (else it keeps the simulated forward)."""
+    w, a = layer.weight_spec, layer.act_spec
+    return (w is not None and a is not None and w.bits == 4 and not w.symmetric and a.bits <= 4
+            and not a.symmetric and a.group_size == 0 and layer.in_features % 2 == 0)
+
+
+_MEMO: dict[str, object] = {}
+
+
+class RealQuantLinear(nn.Module):
+    """W4A4 linear layer on integer kernels, built from a `QuantLinear` (shares its buffers).
+
+    prefill_weight: None keeps only the packed 4-bit codes (¼ of BF16; the prefill GEMM
+    expands them to an 8-bit carrier on each call), "fp8"/"int8" also keeps an 8-bit copy
+    of q − z for the prefill tensor-core GEMM (faster prefill, 3/4 of BF16's weight bytes).
+    """
+
+    def __init__(self, layer: QuantLinear, prefill_weight: str | None = None) -> None:
+        super().__init__()
+        if not supports_real(layer):
+            raise ValueError(f"no W4A4 kernel for {layer.extra_repr()}")
+        self.in_features, self.out_features = layer.in_features, layer.out_features
+        spec = layer.weight_spec
+        scale, zero = layer.w_scale, layer.w_zero
+        if spec.group_size == 0:
+            scale, zero = scale[:, 0], zero[:, 0]
+        # Buffers (shared with the QuantLinear, not copied) so that .to(device) moves them;
+        # not persistent: checkpoints keep the QuantLinear layout.
+        self.register_buffer("qweight", layer.qweight, persistent=False)
+        self.register_buffer("w_scale", scale, persistent=False)
+        self.register_buffer("w_zero", zero, persistent=False)
+        self.group_size = spec.group_size
+        self.bias = layer.bias
+        self.act_bits, self.act_clip = layer.act_spec.bits, layer.act_spec.clip
+        t = layer.input_transform
+        for name in ("rot1", "perm", "rot2"):
+            self.register_buffer(name, None if t is None else getattr(t, name), persistent=False)
+        self.hadamard = bool(t is not None and t.hadamard)
+        self._transform = t  # for the rare DuQuant + Hadamard combination (factors then Hadamard)
+        self.prefill_weight = prefill_weight
+        self._w8: torch.Tensor | None = None
+        self._had: tuple[torch.device, torch.Tensor | None] | None = None
+
+    def packed_weight(self) -> PackedWeight:
+        w = PackedWeight(self.qweight, self.w_scale, self.w_zero, self.in_features, 4, self.group_size)
+        if self.prefill_weight is not None and self.qweight.is_cuda and not self.group_size:
+            if self._w8 is None or self._w8.device != self.qweight.device:
+                dtype = torch.float8_e4m3fn if self.prefill_weight == "fp8" else torch.int8
+                self._w8 = w.centered(dtype).contiguous()
+            w.w8 = self._w8
+        return w
+
+    def _transform_key(self, x: torch.Tensor) -> tuple:
+        ids = tuple(None if t is None else t.data_ptr() for t in (self.rot1, self.perm, self.rot2))
+        return ids + (self.hadamard, self.act_bits, self.act_clip, x._version)
+
+    def _quantize_input(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # q/k/v (and gate/up) read the same activation through the same transform: the
+        # first of them quantizes it, the others reuse the codes (one-entry memo).
+        # The memo holds x itself and compares identity: a later tensor that reuses x's
+        # memory is a different object and never hits.
+        key = self._transform_key(x)
+        if _MEMO.get("x") is x and _MEMO.get("key") == key:
+            return _MEMO["value"]
+        value = self._quantize_input_uncached(x)
+        _MEMO.update(x=x, key=key, value=value)
+        return value
+
+    def _quantize_input_uncached(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.hadamard:
+            if self.rot1 is not None or self.perm is not None or self.rot2 is not None:
+                x = self._transform._apply_factors(x.to(torch.float32), torch.float32)
+            if self._had is None or self._had[0] != x.device:
+                self._had = (x.device, _hadamard_base(self.in_features, x.device))
+            return ops.hadamard_quantize(x, self._had[1], self.act_bits, self.act_clip)
+        return ops.transform_quantize(x, self.rot1, self.perm, self.rot2, None, self.act_bits, self.act_clip)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        lead = x.shape[:-1]
+        a, s = self._quantize_input(x)
+        a, s = a.reshape(-1, self.in_features), s.reshape(-1)
+        bias = None if self.bias is None else self.bias.to(torch.float32)
+        y = ops.w4a4_linear(a, s, self.packed_weight(), bias, x.dtype)
+        return y.reshape(*lead, self.out_features)
+
+    def extra_repr(self) -> str:
+        stages = [n for n in ("rot1", "perm", "rot2") if getattr(self, n) is not None]
+        if self.hadamard:
+            stages.append("hadamard")
+        return (f"in_features={self.in_features}, out_features={self.out_features}, W4A{self.act_bits} real, "
+                f"transform={'+'.join(stages) or 'none'}, bias={self.bias is not None}")
+
+
+def to_real_backend(model: nn.Module, prefill_weight: str | None = None) -> dict[str, list[str]]:
+    """Swap every `QuantLinear` of `model` that the kernels cover for a `RealQuantLinear`
+    (in place). Returns {"real": [names], "simulated": [names kept simulated]}."""
+    swapped: dict[str, list[str]] = {"real": [], "simulated": []}
+    for parent_name, parent in list(model.named_modules()):
+        for child_name, child in list(parent.named_children()):
+            if not isinstance(child, QuantLinear):
+                continue
+            name = f"{parent_name}.{child_name}" if parent_name else child_name
+            if supports_real(child):
+                setattr(parent, child_name, RealQuantLinear(child, prefill_weight))
+                swapped["real"].append(name)
+            else:
+                swapped["simulated"].append(name)
+    return swapped

@@ -1,0 +1,91 @@
+"""The real W4A4 execution mode (duquant.modeling.real_linear) against the simulated one.
+
+CPU: RealQuantLinear runs the pure-PyTorch references of the kernels (integer codes,
+float64-exact integer GEMM). Per layer, the real output equals the simulated QuantLinear
+up to float rounding (a code may flip where x·G lands on a rounding boundary); the
+logits of the whole model stay close.
+"""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from conftest import tiny_model
+
+from duquant import QuantConfig, quantize
+from duquant.modeling.qlinear import QuantLinear
+from duquant.modeling.real_linear import RealQuantLinear, supports_real, to_real_backend
+
+
+def _quantized(tokens, **kwargs):
+    model = tiny_model("llama")
+    quantize(model, QuantConfig(**({"method": "duquant", "rotation_steps": 8} | kwargs)), tokens, device="cpu",
+             batch_size=2, progress=False)
+    return model
+
+
+def _logits(model, tokens):
+    with torch.no_grad():
+        return model(input_ids=tokens).logits
+
+
+@pytest.mark.parametrize("method", ["duquant", "rtn"])
+def test_every_layer_matches_simulated(tokens, method):
+    model = _quantized(tokens, method=method)
+    layers = [(n, m) for n, m in model.named_modules() if isinstance(m, QuantLinear)]
+    assert layers and all(supports_real(m) for _, m in layers)
+    if method == "duquant":
+        assert any(m.input_transform is not None and m.input_transform.perm is not None for _, m in layers)
+    gen = torch.Generator().manual_seed(0)
+    for name, sim in layers:
+        x = torch.randn(3, 5, sim.in_features, generator=gen)
+        x[..., 1] *= 10  # an outlier channel
+        real = RealQuantLinear(sim)
+        with torch.no_grad():
+            ys, yr = sim(x), real(x)
+        assert yr.shape == ys.shape and yr.dtype == ys.dtype
+        rel = float((yr - ys).norm() / ys.norm())
+        assert rel < 1e-2, (name, rel)  # code flips at rounding boundaries only
+        close = torch.isclose(yr, ys, rtol=1e-4, atol=1e-4 * float(ys.abs().max()))
+        assert float(close.float().mean()) > 0.9, name
+
+
+def test_hadamard_layer_matches_simulated():
+    from duquant.quant.quantizer import QuantSpec, compute_qparams, quantize as quant_codes
+    from duquant.transforms.online import OnlineTransform
+
+    k, n = 96, 24  # 96 = 12·8: a dense base factor and a Sylvester part
+    gen = torch.Generator().manual_seed(1)
+    t = OnlineTransform(k, hadamard=True)
+    w = t.fold_into_weight(torch.randn(n, k, generator=gen, dtype=torch.float64)).float()
+    wspec = QuantSpec(bits=4, clip=1.0)
+    sim = QuantLinear(k, n, True, wspec, QuantSpec(bits=4, clip=0.9), t)
+    scale, zero = compute_qparams(w, wspec)
+    sim.set_weight(codes=quant_codes(w, scale, zero, wspec), scale=scale, zero=zero)
+    sim.bias.data.normal_(generator=gen)
+    x = torch.randn(7, k, generator=gen)
+    with torch.no_grad():
+        ys, yr = sim(x), RealQuantLinear(sim)(x)
+    assert float((yr - ys).norm() / ys.norm()) < 1e-2
+
+
+def test_to_real_backend_swaps_layers_and_logits_stay_close(tokens):
+    model = _quantized(tokens)
+    ref = _logits(model, tokens)
+    real = copy.deepcopy(model)
+    report = to_real_backend(real)
+    assert report["real"] and not report["simulated"]
+    assert not any(isinstance(m, QuantLinear) for m in real.modules())
+    assert sum(isinstance(m, RealQuantLinear) for m in real.modules()) == len(report["real"])
+    out = _logits(real, tokens)
+    assert torch.isfinite(out).all()
+    rel = float((out - ref).norm() / ref.norm())
+    assert rel < 2e-2, rel
+    assert float((out.argmax(-1) == ref.argmax(-1)).float().mean()) > 0.95
+
+
+def test_layers_without_a_kernel_stay_simulated(tokens):
+    model = _quantized(tokens, method="rtn", abits=16)
+    report = to_real_backend(model)
+    assert not report["real"] and report["simulated"]
