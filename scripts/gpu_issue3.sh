@@ -12,14 +12,8 @@
 #   --suite issue3-quarot --out /tmp/issue3 --nsamples 2 --seqlen 128 --max-windows 2
 set -euo pipefail
 if [ -z "${MODEL:-}" ]; then
-  MODEL=.carry/SmolLM2-135M-Instruct.Q4_1.gguf
-  if [ ! -f "$MODEL" ]; then
-    cat .carry/smollm2-a/gguf.part0 .carry/smollm2-b/gguf.part1 > "$MODEL"
-    echo "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53  $MODEL" | sha256sum -c -
-  fi
-  [ -d .carry/site/gguf ] || python3 -m pip install -q --no-index --no-deps --target .carry/site .carry/smollm2-a/*.whl
-  if [ ! -d .carry/data ]; then cp -r .carry/smollm2-b/data .carry/data; fi
-  export PYTHONPATH=$PWD/.carry/site DUQUANT_DATA_DIR=$PWD/.carry/data
+  source "$(dirname "$0")/gpu_setup.sh"
+  MODEL=$gguf
 fi
 export PYTHONPATH=$PWD/src${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader 2>/dev/null || true
