@@ -10,9 +10,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .config import QuantConfig
-from .methods.apply import install_attention_quantizer, quantize_layer_linears
 from .methods.fitting import fit_group
-from .methods.gptq_layer import uses_gptq, weight_rounding
+from .methods.gptq_layer import quantize_layer, uses_gptq
 from .methods.plan import GroupTransform
 from .methods.statistics import collect
 from .modeling.adapters import adapter_for, attention_shape
@@ -98,10 +97,7 @@ def quantize(model: nn.Module, config: QuantConfig, calibration: torch.Tensor | 
                 generator=layer_generator(config.seed, index, g), where=f"layer {index} {group.name}",
             )
         fit_time += time.perf_counter() - t
-        install_attention_quantizer(layer, adapter, config)  # before GPTQ runs the half-quantized layer
-        prefix = f"{adapter.layers}.{index}."
-        rounder, before_group = weight_rounding(config, layer, q_inputs, device, plans, prefix)
-        quantize_layer_linears(layer, adapter, plans, config, shape, rounder, prefix, before_group)
+        quantize_layer(layer, index, adapter, plans, config, shape, q_inputs, device)
         if want_absmax:  # the full-precision stream feeds the next layer's smoothing statistics
             fp_inputs = fp_next
             check_finite(fp_inputs, index, "full-precision output")

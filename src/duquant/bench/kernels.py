@@ -12,12 +12,13 @@ bytes than L2 holds), so each call reads its weight from HBM with no launch gaps
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import statistics
 from typing import Callable
 
 import torch
+
+from .output import write_results
 
 # LLaMA-2-7B linear shapes (N, K): q/k/v/o, gate/up, down.
 LLAMA2_7B_SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008)]
@@ -229,17 +230,11 @@ def run_kernel_bench(shapes: list[tuple[int, int]] | None = None, ms: list[int] 
             rows.append(_row(n, k, m, r))
             print(f"N={n} K={k} M={m}: " + ", ".join(f"{a} {b:.1f}" for a, b in r.items()), flush=True)
             torch.cuda.empty_cache()
-            if out_json:  # partial results survive a timeout
-                with open(out_json, "w") as f:
-                    json.dump({"meta": meta, "rows": rows, "partial": True}, f, indent=1)
+            # partial results survive a timeout
+            write_results({"meta": meta, "rows": rows, "partial": True}, "", out_json, None)
     md = markdown(rows, meta)
     print(md)
-    if out_json:
-        with open(out_json, "w") as f:
-            json.dump({"meta": meta, "rows": rows}, f, indent=1)
-    if out_md:
-        with open(out_md, "w") as f:
-            f.write(md)
+    write_results({"meta": meta, "rows": rows}, md, out_json, out_md)
     return rows
 
 

@@ -11,12 +11,13 @@ final norm's output out); level "e2e": the whole 32-layer model with its LM head
 """
 from __future__ import annotations
 
-import json
 import statistics
 from typing import Callable
 
 import torch
 from torch import nn
+
+from .output import write_results
 
 SEQ = 2048
 
@@ -187,12 +188,7 @@ def run_layer_bench(level: str, batches: list[int] | None, decode_batches: list[
         torch.cuda.empty_cache()
     md = markdown(meta, results, batches, decode_batches)
     print(md)
-    if out_json:
-        with open(out_json, "w") as f:
-            json.dump({"meta": meta, "results": results}, f, indent=1)
-    if out_md:
-        with open(out_md, "w") as f:
-            f.write(md)
+    write_results({"meta": meta, "results": results}, md, out_json, out_md)
     return results
 
 

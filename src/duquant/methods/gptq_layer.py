@@ -23,7 +23,7 @@ from ..quant.gptq import HessianAccumulator, gptq_quantize
 from ..quant.quantizer import QuantSpec
 from ..sequential import LayerInputs, _move
 from ..transforms.online import OnlineTransform
-from .apply import WeightRounder, round_to_nearest
+from .apply import WeightRounder, install_attention_quantizer, quantize_layer_linears, round_to_nearest
 from .plan import GroupTransform
 
 
@@ -100,3 +100,15 @@ def weight_rounding(config: QuantConfig, layer: nn.Module, inputs: LayerInputs |
         raise ValueError("GPTQ needs calibration data")
     gptq = LayerGPTQ(layer, inputs, device, plans, config, prefix)
     return gptq.round, gptq.before_group
+
+
+def quantize_layer(layer: nn.Module, index: int, adapter, plans: dict[str, GroupTransform], config: QuantConfig,
+                   shape, inputs: LayerInputs | None, device: torch.device) -> None:
+    """Install the attention quantizer, then round and swap in every linear of decoder layer `index`.
+
+    The attention quantizer comes first because GPTQ runs the half-quantized layer on `inputs`.
+    """
+    install_attention_quantizer(layer, adapter, config)
+    prefix = f"{adapter.layers}.{index}."
+    rounder, before_group = weight_rounding(config, layer, inputs, device, plans, prefix)
+    quantize_layer_linears(layer, adapter, plans, config, shape, rounder, prefix, before_group)

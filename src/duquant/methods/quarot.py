@@ -24,8 +24,7 @@ from ..config import QuantConfig
 from ..modeling.adapters import DecoderAdapter, adapter_for, attention_shape
 from ..modeling.attention import use_quantized_attention
 from ..sequential import capture_layer0_inputs, check_finite, run_layer
-from .apply import install_attention_quantizer, quantize_layer_linears
-from .gptq_layer import uses_gptq, weight_rounding
+from .gptq_layer import quantize_layer, uses_gptq
 from .plan import GroupTransform
 from .quarot_rotation import residual_rotation, rotate_embeddings_and_head, rotate_layer
 
@@ -73,10 +72,7 @@ def quantize_quarot(model: nn.Module, config: QuantConfig, calibration: torch.Te
         t = time.perf_counter()
         rotate_layer(layer, adapter, shape, rotation, device)
         rotate_time += time.perf_counter() - t
-        install_attention_quantizer(layer, adapter, config)
-        prefix = f"{adapter.layers}.{index}."
-        rounder, before_group = weight_rounding(config, layer, inputs, device, plans, prefix)
-        quantize_layer_linears(layer, adapter, plans, config, shape, rounder, prefix, before_group)
+        quantize_layer(layer, index, adapter, plans, config, shape, inputs, device)
         if inputs is not None:
             inputs = run_layer(layer, inputs, device)
             check_finite(inputs, index)
