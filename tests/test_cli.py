@@ -65,6 +65,48 @@ def test_quantize_eval_generate_round_trip(model_dir, data_folder, tmp_path, cap
     assert capsys.readouterr().out.strip()
 
 
+def test_real_backend_eval_and_generate(model_dir, data_folder, tmp_path, capsys):
+    """--backend real (the kernels' CPU references here) gives the simulated perplexity up to
+    rounding; quantize --backend real still saves the simulated layout."""
+    out = tmp_path / "q"
+    record = tmp_path / "run.json"
+    assert main(quantize_args(model_dir, data_folder, out, "--backend", "real", "--json", str(record))) == 0
+    run = json.loads(record.read_text())
+    assert run["backend"]["real_layers"] == 14 and run["backend"]["simulated_layers"] == []
+    real_ppl = run["results"]["wikitext2"]["ppl"]
+    common = ["--ppl", "wikitext2", "--seqlen", "32", "--max-windows", "3", "--data-dir", str(data_folder),
+              "--device", "cpu", "--quiet"]
+    sim_json, real_json = tmp_path / "sim.json", tmp_path / "real.json"
+    assert main(["eval", str(out), *common, "--json", str(sim_json)]) == 0
+    assert main(["eval", str(out), *common, "--backend", "real", "--json", str(real_json)]) == 0
+    sim, real = (json.loads(p.read_text()) for p in (sim_json, real_json))
+    assert sim["backend"] is None and real["backend"]["backend"] == "real"
+    assert real["results"]["wikitext2"]["ppl"] == pytest.approx(real_ppl, rel=1e-6)
+    assert real["results"]["wikitext2"]["ppl"] == pytest.approx(sim["results"]["wikitext2"]["ppl"], rel=5e-3)
+    capsys.readouterr()
+    assert main(["generate", str(out), "--prompt", "w1 w2 w3", "--max-new-tokens", "4", "--device", "cpu",
+                 "--backend", "real"]) == 0
+    assert capsys.readouterr().out.strip()
+
+
+def test_real_backend_needs_a_quantized_model(model_dir, data_folder, caplog):
+    args = ["eval", str(model_dir), "--ppl", "wikitext2", "--seqlen", "32", "--max-windows", "1",
+            "--data-dir", str(data_folder), "--device", "cpu", "--quiet", "--backend", "real"]
+    assert main(args) == 2
+    assert "no quantized linear layer" in caplog.text
+
+
+def test_bench_subcommand_without_gpu(capsys):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("checks the CPU-only message")
+    assert main(["bench", "--level", "kernel"]) == 2
+    assert "CUDA" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main(["bench", "--help"])
+
+
 def test_existing_out_is_refused_before_any_work(model_dir, data_folder, tmp_path, caplog):
     out = tmp_path / "q"
     out.mkdir()

@@ -6,6 +6,8 @@ Skipped without CUDA (CI is CPU-only).
 """
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -43,25 +45,58 @@ def _check_codes(a: torch.Tensor, s: torch.Tensor, ar: torch.Tensor, sr: torch.T
 
 @pytest.mark.parametrize("k", KS)
 @pytest.mark.parametrize("m", MS)
-@pytest.mark.parametrize("precise", [False, True])
-def test_duquant_transform_quantize(m: int, k: int, precise: bool) -> None:
+@pytest.mark.parametrize("mode", ["one-launch", "three-launch", "precise"])
+def test_duquant_transform_quantize(m: int, k: int, mode: str) -> None:
     from duquant.kernels import reference as ref
     from duquant.kernels.triton_transform import duquant_quantize
     n = _block(k)
+    precise = mode == "precise"
     x = torch.randn(m, k, device="cuda").to(torch.bfloat16)
     x[:, torch.randint(0, k, (4,))] *= 20  # outlier channels, as in real activations
     rot1, rot2 = _orthogonal(n), _orthogonal(n)
     perm = torch.randperm(k, device="cuda")
     smooth = torch.rand(k, device="cuda") + 0.5
     _poison_allocator()
-    a, s = duquant_quantize(x, rot1, perm, rot2, smooth, 4, 0.9, torch.int8, precise)
+    fused = {"one-launch": True, "three-launch": False, "precise": None}[mode]
+    a, s = duquant_quantize(x, rot1, perm, rot2, smooth, 4, 0.9, torch.int8, precise, fused=fused)
     torch.cuda.synchronize()
     ar, sr = ref.transform_quantize_ref(x, rot1, perm, rot2, smooth, 4, 0.9)
     _check_codes(a, s, ar, sr, precise)
     if m == 2048 and not precise:  # the other tiles of the benchmark sweep
-        for bm, wp in ((32, (4, 8)), (128, (4, 8))):
-            a, s = duquant_quantize(x, rot1, perm, rot2, smooth, 4, 0.9, torch.int8, precise, block_m=bm, warps=wp)
+        for bm, wp, sub in ((32, 8, 1), (128, 8, 2), (64, 4, 8)):
+            a, s = duquant_quantize(x, rot1, perm, rot2, smooth, 4, 0.9, torch.int8, precise, block_m=bm, warps=wp,
+                                    fused=fused, sub_tiles=sub)
             _check_codes(a, s, ar, sr, precise)
+
+
+def test_one_launch_transform_repeats_and_replays() -> None:
+    """The one-launch transform leaves its counters at zero: back-to-back calls of
+    different sizes (44k programs at M = 32768, K = 11008) and CUDA-graph replays give the
+    reference codes every time."""
+    from duquant.kernels import reference as ref
+    from duquant.kernels.triton_transform import duquant_quantize
+    for m, k in ((32768, 11008), (5, 4096), (2048, 4096), (5, 4096)):
+        x = torch.randn(m, k, device="cuda").to(torch.bfloat16)
+        rot1, rot2, perm = _orthogonal(128), _orthogonal(128), torch.randperm(k, device="cuda")
+        ar, sr = ref.transform_quantize_ref(x, rot1, perm, rot2, None, 4, 0.9)
+        for _ in range(2):
+            a, s = duquant_quantize(x, rot1, perm, rot2, None, 4, 0.9, torch.int8, fused=True)
+            _check_codes(a, s, ar, sr, False)
+    x = torch.randn(64, 4096, device="cuda").to(torch.bfloat16)
+    ar, sr = ref.transform_quantize_ref(x, rot1, perm, rot2, None, 4, 0.9)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        duquant_quantize(x, rot1, perm, rot2, None, 4, 0.9, torch.int8, fused=True)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        a, s = duquant_quantize(x, rot1, perm, rot2, None, 4, 0.9, torch.int8, fused=True)
+    for _ in range(3):
+        a.zero_()
+        graph.replay()
+        torch.cuda.synchronize()
+        _check_codes(a, s, ar, sr, False)
 
 
 @pytest.mark.parametrize("stages", [(True, False, False, False), (False, True, True, False), (False, False, False, True)])
@@ -127,6 +162,76 @@ def test_decode_gemm(m: int, k: int, n: int) -> None:
         _close(w4a8_decode(a, s_x, pw.packed, pw.scale, pw.zero, bias, **tune), ref.w4a4_linear_ref(a, s_x, pw, bias))
 
 
+def _gemv_workspace_is_clean(device: torch.device) -> bool:
+    from duquant.kernels import triton_decode as dec
+    ws, cnt = dec._GEMV_WS.get(device, (torch.zeros(1), torch.zeros(1)))
+    return not bool(ws.any()) and not bool(cnt.any())
+
+
+@pytest.mark.parametrize("n", NS)
+@pytest.mark.parametrize("k", KS)
+@pytest.mark.parametrize("m", [1, 2, 3, 4, 5, 8, 16])
+def test_decode_gemv(m: int, k: int, n: int) -> None:
+    """dp4a GEMV: int8 and e4m3 activations, with and without bias, split-K (atomics and
+    last-arriver epilogue) and one split (direct store); its workspace is zero afterwards."""
+    from duquant.kernels import reference as ref
+    from duquant.kernels.triton_decode import w4a8_gemv
+    pw, a, s_x, bias = _weight_and_acts(m, n, k, None)
+    for b in (None, bias):
+        _poison_allocator()
+        y = w4a8_gemv(a, s_x, pw.packed, pw.scale, pw.zero, b)
+        _close(y, ref.w4a4_linear_ref(a, s_x, pw, b))
+    a_fp8 = a.to(torch.float32).to(torch.float8_e4m3fn)
+    _close(w4a8_gemv(a_fp8, s_x, pw.packed, pw.scale, pw.zero, bias), ref.w4a4_linear_ref(a, s_x, pw, bias))
+    # float32 output: exact integer sums, only the fp32 scaling and split-K adds round
+    y32 = w4a8_gemv(a, s_x, pw.packed, pw.scale, pw.zero, bias, out_dtype=torch.float32)
+    _close(y32, ref.w4a4_linear_ref(a, s_x, pw, bias, out_dtype=torch.float32), tol=1e-5)
+    if n == 1536:  # other sweep configs: many one-tile programs without pipelining, long splits, one split
+        for tune in (dict(block_n=16, block_k=512, waves=16, num_stages=1), dict(block_n=64, block_k=256, waves=1,
+                                                                                   num_warps=8, num_stages=4),
+                     dict(block_k=128, waves=0)):
+            _close(w4a8_gemv(a, s_x, pw.packed, pw.scale, pw.zero, bias, **tune), ref.w4a4_linear_ref(a, s_x, pw, bias))
+        # activations inside a bigger buffer: rows 4-byte aligned only (narrow loads), then
+        # not even that (copied first)
+        for pad in (4, 3):
+            big = torch.zeros(m + 1, k + pad, dtype=torch.int8, device="cuda")
+            big[1:, pad:] = a
+            _close(w4a8_gemv(big[1:, pad:], s_x, pw.packed, pw.scale, pw.zero, bias),
+                   ref.w4a4_linear_ref(a, s_x, pw, bias))
+    torch.cuda.synchronize()
+    assert _gemv_workspace_is_clean(a.device)
+
+
+@pytest.mark.parametrize("warm_workspace", [True, False])
+def test_decode_gemv_cuda_graph(warm_workspace: bool) -> None:
+    """Captured once, replayed on new activations: the split-K counters reset themselves.
+    Without a split-K call before capture, the workspace is allocated (and zeroed) inside
+    the graph."""
+    from duquant.kernels import reference as ref
+    from duquant.kernels import triton_decode as dec
+    m, n, k = 4, 4096, 11008
+    pw, a, s_x, bias = _weight_and_acts(m, n, k, None)
+    static_a = a.clone()
+    if not warm_workspace:
+        dec._GEMV_WS.clear()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):  # compiles the kernel (waves=0: one split, no workspace)
+        dec.w4a8_gemv(static_a, s_x, pw.packed, pw.scale, pw.zero, bias, waves=4 if warm_workspace else 0)
+    torch.cuda.current_stream().wait_stream(stream)
+    assert (a.device in dec._GEMV_WS) == warm_workspace
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y = dec.w4a8_gemv(static_a, s_x, pw.packed, pw.scale, pw.zero, bias)
+    for _ in range(3):
+        static_a.copy_(torch.randint(-15, 16, (m, k), device="cuda", dtype=torch.int8))
+        y.zero_()
+        graph.replay()
+        torch.cuda.synchronize()
+        _close(y, ref.w4a4_linear_ref(static_a, s_x, pw, bias))
+    assert _gemv_workspace_is_clean(a.device)
+
+
 @pytest.mark.parametrize("n", NS)
 @pytest.mark.parametrize("k", KS)
 @pytest.mark.parametrize("m", [80, 2048])
@@ -182,7 +287,16 @@ def test_real_quant_linear_matches_simulated_on_gpu(m: int, hadamard: bool) -> N
     sim = sim.cuda()
     real = RealQuantLinear(sim)
     x = torch.randn(2, m, k, device="cuda").to(torch.bfloat16)
+    exact = copy.deepcopy(sim).float()  # the simulated layer in float32: the reference
     with torch.no_grad():
-        ys, yr = sim(x).float(), real(x).float()
+        ys, yr, y32 = sim(x).float(), real(x).float(), exact(x.float())
     assert yr.shape == ys.shape
-    assert float((yr - ys).norm() / ys.norm()) < 3e-2  # bf16 rotations + code flips
+
+    def rel(y: torch.Tensor) -> float:
+        return float((y - y32).norm() / y32.norm())
+
+    # The fast transform feeds the tensor cores bf16 (x/smooth and R̂ rounded to 2^-9), which
+    # moves ~1% of the 4-bit codes across a rounding boundary; one step is ~0.4σ of the
+    # activation, so the output moves by ~√0.01·0.4 ≈ 4% of its norm (3.2–3.6% measured on
+    # the H100, run 5), while the perplexity of SmolLM2 moves < 0.2% (results/real_backend).
+    assert rel(yr) < 6e-2 and rel(ys) < 6e-2, (rel(yr), rel(ys))

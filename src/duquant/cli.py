@@ -33,6 +33,15 @@ def _add_runtime_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
+def _add_backend_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--backend", choices=["simulated", "real"], default="simulated",
+                   help="simulated: fake-quant PyTorch (reference numerics); real: W4A4 linears on integer kernels "
+                        "(Triton on CUDA, the pure-PyTorch reference of each kernel on CPU)")
+    p.add_argument("--prefill-weight", choices=["none", "fp8", "int8"], default="none",
+                   help="real backend: also keep an 8-bit copy of each weight for the prefill GEMM "
+                        "(faster prefill, 3x the packed weight memory); none expands the 4-bit codes per call")
+
+
 def _add_eval_args(p: argparse.ArgumentParser, flag: str) -> None:
     p.add_argument(flag, type=_datasets, default=[], help="comma-separated: wikitext2,c4,ptb")
     p.add_argument("--eval-seqlen", type=int, default=None, help="perplexity window (default: --seqlen or 2048)")
@@ -106,6 +115,7 @@ def build_parser(quantize_defaults: dict | None = None) -> argparse.ArgumentPars
     q.add_argument("--eval-fp", action="store_true", help="also evaluate the full-precision model first")
     q.add_argument("--json", default=None, help="write the run record (with results) to this file")
     _add_eval_args(q, "--eval-ppl")
+    _add_backend_args(q)
     _add_runtime_args(q)
     if quantize_defaults:
         q.set_defaults(**quantize_defaults)
@@ -115,6 +125,7 @@ def build_parser(quantize_defaults: dict | None = None) -> argparse.ArgumentPars
     _add_eval_args(e, "--ppl")
     e.add_argument("--seqlen", type=int, default=2048)
     e.add_argument("--json", default=None)
+    _add_backend_args(e)
     _add_runtime_args(e)
 
     g = sub.add_parser("generate", help="generate text with a model or a saved quantized directory")
@@ -122,7 +133,13 @@ def build_parser(quantize_defaults: dict | None = None) -> argparse.ArgumentPars
     g.add_argument("--prompt", required=True)
     g.add_argument("--max-new-tokens", type=int, default=64)
     g.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
+    _add_backend_args(g)
     _add_runtime_args(g)
+
+    # Options of `bench` live in duquant.bench (it is also a module of its own); `main`
+    # hands everything after the word "bench" to it.
+    sub.add_parser("bench", help="W4A4 speed and memory against BF16 on a CUDA device (see duquant bench --help)",
+                   add_help=False)
     return parser
 
 
@@ -134,6 +151,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] == "bench":
+        from .bench import main as bench_main  # noqa: PLC0415
+
+        return bench_main(argv[1:])
     args = parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")

@@ -16,6 +16,7 @@ from .data.calibration import CalibrationSpec, calibration_tokens, token_hash
 from .data.datasets import load_text
 from .evaluation.perplexity import perplexity
 from .modeling.kv_cache import QuantizedKVCache, has_quantized_kv
+from .modeling.real_linear import to_real_backend, to_simulated_backend
 from .model_loading import default_device, load_model, load_tokenizer, parse_dtype, resolve_model_source
 from .quantize import quantize
 from .run_record import device_description, package_versions
@@ -49,6 +50,21 @@ def _evaluate(model, tokenizer, datasets: list[str], args, device: str, label: s
         log.info("%s %s perplexity %.3f (%d windows of %d, %d tokens)", label, name, result.ppl, result.windows,
                  seqlen, result.tokens)
     return results
+
+
+def apply_backend(model, args: argparse.Namespace) -> dict | None:
+    """Switch the quantized linears to the integer kernels when --backend real asks for it."""
+    if getattr(args, "backend", "simulated") != "real":
+        return None
+    prefill = None if args.prefill_weight == "none" else args.prefill_weight
+    report = to_real_backend(model, prefill)
+    if not report["real"]:
+        raise ValueError("--backend real: the model has no quantized linear layer the W4A4 kernels cover "
+                         "(they need 4-bit asymmetric weights and <=4-bit asymmetric per-token activations)")
+    log.info("real backend: %d linear layers on W4A4 kernels, %d kept simulated%s", len(report["real"]),
+             len(report["simulated"]), f" ({', '.join(report['simulated'][:3])}, ...)" if report["simulated"] else "")
+    return {"backend": "real", "prefill_weight": prefill, "real_layers": len(report["real"]),
+            "simulated_layers": report["simulated"]}
 
 
 def _print_table(rows: list[tuple[str, dict]], datasets: list[str]) -> None:
@@ -101,10 +117,15 @@ def quantize_command(args: argparse.Namespace) -> int:
 
     if args.eval_ppl:
         model.to(device)
+        backend = apply_backend(model, args)
+        label = config.describe() + (" [real]" if backend else "")
         t = time.perf_counter()
-        record["results"] = _evaluate(model, tokenizer, args.eval_ppl, args, device, config.describe())
+        record["results"] = _evaluate(model, tokenizer, args.eval_ppl, args, device, label)
         times["eval"] = time.perf_counter() - t
-        rows.append((config.describe(), record["results"]))
+        rows.append((label, record["results"]))
+        if backend:
+            record["backend"] = backend
+            to_simulated_backend(model)  # the checkpoint stores the QuantLinear layout
     record["seconds"] = {k: round(v, 2) for k, v in times.items()}
     if args.out:
         model.to("cpu")
@@ -132,11 +153,13 @@ def load_for_inference(spec: str, device: str, dtype_name: str | None):
 def eval_command(args: argparse.Namespace) -> int:
     device = args.device or default_device()
     model, tokenizer, label = load_for_inference(args.model, device, args.dtype)
+    backend = apply_backend(model, args)
+    label += " [real]" if backend else ""
     args.eval_seqlen = args.seqlen
     results = _evaluate(model, tokenizer, args.ppl, args, device, label)
     _print_table([(label, results)], args.ppl)
     if args.json:
-        record = {"command": "eval", "model": args.model, "label": label, "results": results,
+        record = {"command": "eval", "model": args.model, "label": label, "results": results, "backend": backend,
                   "versions": package_versions(), "device": device_description(device)}
         Path(args.json).write_text(json.dumps(record, indent=2))
     return 0
@@ -146,6 +169,7 @@ def eval_command(args: argparse.Namespace) -> int:
 def generate_command(args: argparse.Namespace) -> int:
     device = args.device or default_device()
     model, tokenizer, _ = load_for_inference(args.model, device, args.dtype)
+    apply_backend(model, args)
     if args.chat:
         text = tokenizer.apply_chat_template([{"role": "user", "content": args.prompt}], tokenize=False,
                                              add_generation_prompt=True)

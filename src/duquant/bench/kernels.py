@@ -101,10 +101,14 @@ def _bench_prefill(m: int, n: int, k: int, device: str) -> dict[str, float]:
     r["bf16"] = _bench(lambda: x @ w.T)
     if m == 2048:  # tile sweep of the v2 transform (recorded; the default is used below)
         for bm in (32, 64, 128):
-            for wp in ((4, 4), (4, 8)):
-                r[f"transform_bm{bm}_w{wp[0]}{wp[1]}"] = _bench(
+            for wp in (4, 8):
+                r[f"transform_bm{bm}_w{wp}_graph"] = _graph_bench([
                     lambda bm=bm, wp=wp: duquant_quantize(x, r1, perm, r2, smooth, out_dtype=torch.float8_e4m3fn,
-                                                          block_m=bm, warps=wp))
+                                                          block_m=bm, warps=wp)] * 4)
+        r["transform_3launch_graph"] = _graph_bench([lambda: duquant_quantize(
+            x, r1, perm, r2, smooth, out_dtype=torch.float8_e4m3fn, fused=False)] * 4)
+        r["transform_3launch"] = _bench(lambda: duquant_quantize(x, r1, perm, r2, smooth, out_dtype=torch.float8_e4m3fn,
+                                                                 fused=False))
     r["transform_int8"] = _bench(lambda: duquant_quantize(x, r1, perm, r2, smooth, out_dtype=torch.int8))
     r["transform_fp8"] = _bench(lambda: duquant_quantize(x, r1, perm, r2, smooth, out_dtype=torch.float8_e4m3fn))
     r["transform_noperm"] = _bench(lambda: duquant_quantize(x, r1, None, r2, smooth, out_dtype=torch.float8_e4m3fn))
@@ -136,6 +140,10 @@ def _bench_prefill(m: int, n: int, k: int, device: str) -> dict[str, float]:
 # (BLOCK_N, BLOCK_K, programs per SM, warps, stages) tried for the decode GEMM.
 DECODE_SWEEP = [(64, 512, 4, 4, 3), (32, 512, 4, 4, 3), (128, 512, 2, 4, 3), (64, 256, 4, 4, 4),
                 (32, 1024, 4, 4, 2), (128, 256, 4, 8, 3), (16, 512, 8, 4, 3), (64, 1024, 2, 8, 2)]
+# The same for the dp4a GEMV (M ≤ GEMV_MAX_M; keys gemv_*). Configs whose int32 accumulators
+# would exceed 64 registers per thread at this M are skipped (they spill).
+GEMV_SWEEP = [(32, 1024, 4, 4, 3), (16, 1024, 8, 4, 3), (64, 512, 4, 4, 3), (32, 512, 8, 8, 3),
+              (32, 1024, 2, 8, 4), (64, 1024, 4, 8, 2), (16, 512, 16, 4, 1), (128, 256, 4, 4, 3)]
 
 
 def _had_m(k: int, device: str) -> torch.Tensor | None:
@@ -145,8 +153,28 @@ def _had_m(k: int, device: str) -> torch.Tensor | None:
     return None if mm == 1 else _base_matrix(mm).to(device, torch.float32)
 
 
+def _sweep(r: dict, prefix: str, kernel, sweep, a, s, pws, fits=None) -> tuple[float, dict]:
+    """Time `kernel` at every (BLOCK_N, BLOCK_K, programs per SM, warps, stages) of `sweep`
+    (CUDA graph over the weight copies `pws`), record each under r[prefix_...], and return
+    the best time and its tuning. Configs that do not compile (registers, smem) are skipped."""
+    best, best_cfg = float("inf"), {}
+    for bn, bk, waves, nw, ns in sweep:
+        if fits is not None and not fits(bn, bk, nw):
+            continue
+        tune = dict(block_n=bn, block_k=bk, waves=waves, num_warps=nw, num_stages=ns)
+        try:
+            t = _graph_bench([lambda p=p, tune=tune: kernel(a, s, p.packed, p.scale, p.zero, **tune) for p in pws])
+        except Exception as e:  # noqa: BLE001
+            print(f"{prefix} config {tune} failed: {type(e).__name__}: {str(e)[:200]}", flush=True)
+            continue
+        r[f"{prefix}_n{bn}_k{bk}_w{waves}_{nw}x{ns}"] = t
+        if t < best:
+            best, best_cfg = t, tune
+    return best, best_cfg
+
+
 def _bench_decode(m: int, n: int, k: int, device: str) -> dict[str, float]:
-    from duquant.kernels.triton_decode import w4a8_decode
+    from duquant.kernels.triton_decode import GEMV_MAX_M, w4a8_decode, w4a8_gemv
     from duquant.kernels.triton_hadamard import hadamard_quantize
     from duquant.kernels.triton_transform import duquant_quantize
     from duquant.kernels.weight import quantize_weight
@@ -164,28 +192,38 @@ def _bench_decode(m: int, n: int, k: int, device: str) -> dict[str, float]:
     r = {}
     r["bf16"] = _graph_bench([lambda w=w: x @ w.T for w in ws])
     r["transform_int8"] = _graph_bench([lambda: duquant_quantize(x, rot1, perm, rot2, smooth)] * 8)
-    best, best_cfg = float("inf"), {}
-    for bn, bk, waves, nw, ns in DECODE_SWEEP:
-        tune = dict(block_n=bn, block_k=bk, waves=waves, num_warps=nw, num_stages=ns)
-        try:
-            t = _graph_bench([lambda p=p, tune=tune: w4a8_decode(a, s, p.packed, p.scale, p.zero, **tune) for p in pws])
-        except Exception as e:  # a config that does not compile (registers, smem) is skipped
-            print(f"decode config {tune} failed: {type(e).__name__}: {str(e)[:200]}", flush=True)
-            continue
-        r[f"decode_n{bn}_k{bk}_w{waves}_{nw}x{ns}"] = t
-        if t < best:
-            best, best_cfg = t, tune
+    best, best_cfg = _sweep(r, "decode", w4a8_decode, DECODE_SWEEP, a, s, pws)
     r["gemm_decode_default"] = _graph_bench([lambda p=p: w4a8_decode(a, s, p.packed, p.scale, p.zero) for p in pws])
-    r["gemm_decode"] = min(best, r["gemm_decode_default"])
-    r["total_decode"] = _graph_bench([lambda p=p: w4a8_decode(*duquant_quantize(x, rot1, perm, rot2, smooth), p.packed,
-                                                              p.scale, p.zero, **best_cfg) for p in pws])
+    if r["gemm_decode_default"] <= best:
+        best, best_cfg = r["gemm_decode_default"], {}
+    r["gemm_decode_mma"] = best
+    kernel, kernel_cfg = w4a8_decode, best_cfg
+    if m <= GEMV_MAX_M:
+        import triton
+        y_mma = w4a8_decode(a, s, pw0.packed, pw0.scale, pw0.zero).float()
+        y_gemv = w4a8_gemv(a, s, pw0.packed, pw0.scale, pw0.zero).float()
+        r["gemv_vs_mma_rel_err"] = float((y_gemv - y_mma).norm() / y_mma.norm())  # a wrong kernel must not look fast
+        fits = lambda bn, bk, nw: triton.next_power_of_2(m) * bn * (bk // 32) <= 64 * 32 * nw  # noqa: E731 - ≤ 64 acc regs
+        g_best, g_cfg = _sweep(r, "gemv", w4a8_gemv, GEMV_SWEEP, a, s, pws, fits)
+        r["gemv_default"] = _graph_bench([lambda p=p: w4a8_gemv(a, s, p.packed, p.scale, p.zero) for p in pws])
+        if r["gemv_default"] <= g_best:
+            g_best, g_cfg = r["gemv_default"], {}
+        r["gemm_decode_gemv"] = g_best
+        r["gemv_weight_TBps"] = n * k / 2 / g_best / 1e6  # packed bytes per µs → TB/s
+        if g_best < best:
+            kernel, kernel_cfg = w4a8_gemv, g_cfg
+    r["gemm_decode"] = min(r["gemm_decode_mma"], r.get("gemm_decode_gemv", float("inf")))
+    r["total_decode"] = _graph_bench([lambda p=p: kernel(*duquant_quantize(x, rot1, perm, rot2, smooth), p.packed,
+                                                         p.scale, p.zero, **kernel_cfg) for p in pws])
     r["hadamard_int8"] = _graph_bench([lambda: hadamard_quantize(x, had_m, out_dtype=torch.int8)] * 8)
     return r
 
 
 def _row(n: int, k: int, m: int, r: dict[str, float]) -> dict[str, object]:
     if m <= DECODE_MAX_M:
-        total, transform, gemm, path = r["total_decode"], r["transform_int8"], r["gemm_decode"], "decode W4 (int8 MMA)"
+        total, transform, gemm = r["total_decode"], r["transform_int8"], r["gemm_decode"]
+        gemv = r.get("gemm_decode_gemv", float("inf")) < r["gemm_decode_mma"]
+        path = "decode W4 (dp4a GEMV)" if gemv else "decode W4 (int8 MMA)"
     else:
         path = "fp8" if r["total_fp8"] <= r["total_int8"] else "int8"
         total, transform, gemm = r[f"total_{path}"], r[f"transform_{path}"], r[f"gemm_{path}"]

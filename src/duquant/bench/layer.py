@@ -1,33 +1,71 @@
 """Decoder-layer and end-to-end benchmarks: a LLaMA-2-7B-shaped model with random weights,
-BF16 against W4A4 (every linear layer a `RealQuantLinear` with DuQuant's online transform
+BF16 against W4A4 (every decoder linear a `RealQuantLinear` with DuQuant's online transform
 on its input and random packed 4-bit codes), measured in the same run.
 
-Prefill: batch × 2048 tokens, median of CUDA-event-timed forwards after warm-up.
-Decode: one new token per sequence against a 2048-token static KV cache, captured in a
-CUDA graph and timed over many replays (eager timing, marked as such, if capture fails).
-Peak memory: `torch.cuda.max_memory_allocated` around each measurement.
-level "layer": a 1-layer model (embedding and LM head excluded: inputs_embeds in, the
-final norm's output out); level "e2e": the whole 32-layer model with its LM head.
+Variants: "bf16"; "w4a4" (packed 4-bit codes only; the prefill GEMM expands them to an
+8-bit carrier per call); "w4a4_fp8w" (also an FP8 copy of q − z for the prefill GEMM:
+faster prefill, more memory).
+
+Prefill: batch × seq tokens, median of CUDA-event-timed forwards after warm-up.
+Decode: one new token per sequence against a static KV cache holding seq tokens, captured
+in a CUDA graph and timed over many replays (eager timing, labelled, if capture fails or
+on the CPU). Peak memory: `torch.cuda.max_memory_allocated` during each measurement.
+Kernel breakdown (layer level, CUDA): one profiled prefill at batch 1 per variant, GPU
+time by stage (`duquant.bench.breakdown`).
+level "layer": a 1-layer model (embedding and LM head not run: inputs_embeds in, the final
+norm's output out); level "e2e": the whole model with its embedding and LM head.
+
+Every function takes the device and the config, so the whole path also runs on the CPU
+with a tiny LlamaConfig (tests/test_bench.py).
 """
 from __future__ import annotations
 
-import statistics
+from contextlib import contextmanager
 from typing import Callable
 
 import torch
 from torch import nn
 
+from .breakdown import breakdown_markdown, profile_breakdown
 from .output import write_results
+from .timing import (allocated_bytes, environment, environment_line, median_ms, peak_memory_bytes,
+                     reset_peak_memory, synchronize)
 
 SEQ = 2048
+PREFILL_CHUNK = 512  # the decode cache is filled in chunks, to bound activation memory at large batch
+VARIANTS = {"bf16": None, "w4a4": {"prefill_weight": None}, "w4a4_fp8w": {"prefill_weight": "fp8"}}
+DEFAULT_VARIANTS = {"layer": ["bf16", "w4a4", "w4a4_fp8w"], "e2e": ["bf16", "w4a4"]}
 
 
-def _config(layers: int):
+# --- models ----------------------------------------------------------------------------
+
+def llama2_7b_config(layers: int):
     from transformers import LlamaConfig
 
     return LlamaConfig(hidden_size=4096, intermediate_size=11008, num_attention_heads=32, num_key_value_heads=32,
-                       num_hidden_layers=layers, vocab_size=32000, max_position_embeddings=4096,
-                       torch_dtype=torch.bfloat16)
+                       num_hidden_layers=layers, vocab_size=32000, max_position_embeddings=4096)
+
+
+@contextmanager
+def default_dtype(dtype: torch.dtype):
+    """Build parameters directly in `dtype` (a float32 model of 7B parameters would need 27 GB)."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)
+
+
+def random_llama(config, device: torch.device, dtype: torch.dtype, seed: int = 0) -> nn.Module:
+    """LlamaForCausalLM with transformers' random initialisation, built on `device` in `dtype`."""
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    with torch.device(device), default_dtype(dtype):
+        model = LlamaForCausalLM(config).eval()
+    model.config.use_cache = True
+    return model
 
 
 def _orthogonal(n: int, gen: torch.Generator) -> torch.Tensor:
@@ -35,185 +73,366 @@ def _orthogonal(n: int, gen: torch.Generator) -> torch.Tensor:
     return q.float()
 
 
+# Linears that read the same activation share one online transform, as in a DuQuant model.
+_TRANSFORM_GROUP = {"q_proj": "attn_in", "k_proj": "attn_in", "v_proj": "attn_in", "o_proj": "o",
+                    "gate_proj": "mlp_in", "up_proj": "mlp_in", "down_proj": "down"}
+
+
+def _random_quant_linear(lin: nn.Linear, transform, device: torch.device, gen: torch.Generator) -> nn.Module:
+    """A QuantLinear of lin's shape with random 4-bit codes (zero point 8) and small scales."""
+    from duquant.modeling.qlinear import QuantLinear
+    from duquant.quant.quantizer import QuantSpec
+
+    k, n = lin.in_features, lin.out_features
+    with torch.device(device):
+        q = QuantLinear(k, n, lin.bias is not None, QuantSpec(bits=4, clip=1.0), QuantSpec(bits=4, clip=0.9),
+                        transform, lin.weight.dtype)
+    q.qweight.copy_(torch.randint(0, 256, q.qweight.shape, dtype=torch.uint8, device=device, generator=gen))
+    q.w_scale.copy_(torch.rand(n, 1, device=device, generator=gen) * 1e-3 + 1e-3)
+    q.w_zero.fill_(8.0)
+    return q
+
+
 def make_w4a4(model: nn.Module, seed: int = 0, prefill_weight: str | None = None) -> int:
     """Replace every nn.Linear inside the decoder layers by a RealQuantLinear with random
-    4-bit codes and a DuQuant transform (R1 · P · R2, 128-blocks); q/k/v and gate/up share
-    one transform, as in a DuQuant-quantized model. Returns the packed weight bytes."""
-    from duquant.modeling.qlinear import QuantLinear
+    4-bit codes and a DuQuant transform (R1 · P · R2, 128-blocks), one linear at a time, so
+    each BF16 weight is freed as soon as it is replaced. Returns the linear weight bytes."""
     from duquant.modeling.real_linear import RealQuantLinear
-    from duquant.quant.quantizer import QuantSpec
     from duquant.transforms.online import OnlineTransform
 
-    gen = torch.Generator().manual_seed(seed)
-    wspec, aspec = QuantSpec(bits=4, clip=1.0), QuantSpec(bits=4, clip=0.9)
-    nbytes = 0
+    device = next(model.parameters()).device
+    gen_cpu = torch.Generator().manual_seed(seed)  # rotations and permutations (small)
+    gen_dev = torch.Generator(device=device).manual_seed(seed)  # codes and scales, made where they live
     for layer in model.model.layers:
-        groups = {"q_proj": "attn_in", "k_proj": "attn_in", "v_proj": "attn_in", "o_proj": "o",
-                  "gate_proj": "mlp_in", "up_proj": "mlp_in", "down_proj": "down"}
         transforms: dict[str, OnlineTransform] = {}
         for parent in (layer.self_attn, layer.mlp):
-            for name, lin in list(parent.named_children()):
-                if not isinstance(lin, nn.Linear):
-                    continue
-                k, n = lin.in_features, lin.out_features
-                device = lin.weight.device
-                if groups[name] not in transforms:
+            names = [name for name, child in parent.named_children() if isinstance(child, nn.Linear)]
+            for name in names:
+                lin = getattr(parent, name)
+                group = _TRANSFORM_GROUP[name]
+                if group not in transforms:
+                    k = lin.in_features
                     blk = 128 if k % 128 == 0 else 64
-                    transforms[groups[name]] = OnlineTransform(
-                        k, _orthogonal(blk, gen), torch.randperm(k, generator=gen), _orthogonal(blk, gen)).to(device)
-                q = QuantLinear(k, n, lin.bias is not None, wspec, aspec, transforms[groups[name]], torch.bfloat16)
-                q = q.to(device)
-                q.qweight.copy_(torch.randint(0, 256, q.qweight.shape, dtype=torch.uint8, generator=gen))
-                q.w_scale.copy_(torch.rand(n, 1, generator=gen) * 1e-3 + 1e-3)
-                q.w_zero.fill_(8.0)
-                setattr(parent, name, RealQuantLinear(q, prefill_weight))
-                nbytes += q.qweight.numel() + 8 * n
-                del lin
-    return nbytes
+                    rot1, perm = _orthogonal(blk, gen_cpu), torch.randperm(k, generator=gen_cpu)
+                    transforms[group] = OnlineTransform(k, rot1, perm, _orthogonal(blk, gen_cpu)).to(device)
+                q = _random_quant_linear(lin, transforms[group], device, gen_dev)
+                real = RealQuantLinear(q, prefill_weight)
+                real.packed_weight()  # builds the 8-bit prefill copy now (CUDA only), so it counts as resident
+                setattr(parent, name, real)
+                del lin, q
+    return linear_weight_bytes(model)
 
 
-def _linear_bytes_bf16(model: nn.Module) -> int:
-    return sum(m.weight.numel() * 2 for layer in model.model.layers for m in layer.modules() if isinstance(m, nn.Linear))
+def _tensor_bytes(t: torch.Tensor | None) -> int:
+    return 0 if t is None else t.numel() * t.element_size()
 
 
-def _time_events(fn: Callable[[], object], reps: int = 10, warmup: int = 3) -> float:
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        torch.cuda.synchronize()
-        times.append(a.elapsed_time(b))
-    return statistics.median(times)  # ms
+def linear_weight_bytes(model: nn.Module) -> int:
+    """Bytes of the decoder linears' weights: BF16 weight, or packed codes + scales + zeros
+    (+ the 8-bit prefill copy where one is kept)."""
+    from duquant.modeling.real_linear import RealQuantLinear
+
+    total = 0
+    for layer in model.model.layers:
+        for m in layer.modules():
+            if isinstance(m, RealQuantLinear):
+                total += sum(_tensor_bytes(t) for t in (m.qweight, m.w_scale, m.w_zero, getattr(m, "_w8", None)))
+            elif isinstance(m, nn.Linear):
+                total += _tensor_bytes(m.weight)
+    return total
 
 
-def _prefill(model: nn.Module, batch: int, e2e: bool) -> tuple[float, int]:
-    torch.cuda.empty_cache()
-    torch.cuda.reset_peak_memory_stats()
+def build_variant(config, variant: str, device: torch.device, seed: int = 0) -> nn.Module:
+    """BF16 random model; for the W4A4 variants its decoder linears are then replaced."""
+    model = random_llama(config, device, torch.bfloat16, seed)
+    if VARIANTS[variant] is not None:
+        make_w4a4(model, seed, **VARIANTS[variant])
+    reset_peak_memory(device)  # return the freed BF16 weights to the device before measuring
+    return model
+
+
+def _release(device: torch.device) -> None:
+    """Drop what a measurement left behind before the next one: RealQuantLinear's one-entry
+    memo of the last quantized input (it holds that input and its codes alive, which would
+    count in the next peak) and cached allocator blocks; restart the peak counter."""
+    from duquant.modeling import real_linear
+
+    getattr(real_linear, "_MEMO", {}).clear()
+    reset_peak_memory(device)
+
+
+# --- prefill ---------------------------------------------------------------------------
+
+def prefill_fn(model: nn.Module, batch: int, seq: int, e2e: bool, device: torch.device) -> Callable[[], object]:
+    """One forward over batch × seq tokens, no KV cache (e2e: token ids in, last-token logits out)."""
+    gen = torch.Generator(device=device).manual_seed(batch)
     if e2e:
-        ids = torch.randint(0, model.config.vocab_size, (batch, SEQ), device="cuda")
-        fn = lambda: model(input_ids=ids, use_cache=False, logits_to_keep=1)  # noqa: E731
-    else:
-        h = torch.randn(batch, SEQ, model.config.hidden_size, device="cuda", dtype=torch.bfloat16)
-        fn = lambda: model.model(inputs_embeds=h, use_cache=False)  # noqa: E731
+        ids = torch.randint(0, model.config.vocab_size, (batch, seq), device=device, generator=gen)
+        return lambda: model(input_ids=ids, use_cache=False, logits_to_keep=1)
+    h = torch.randn(batch, seq, model.config.hidden_size, device=device, generator=gen, dtype=torch.bfloat16)
+    return lambda: model.model(inputs_embeds=h, use_cache=False)
+
+
+def measure_prefill(model: nn.Module, batch: int, seq: int, e2e: bool, device: torch.device, reps: int = 10,
+                    warmup: int = 3) -> dict[str, object]:
+    fn = prefill_fn(model, batch, seq, e2e, device)
+    _release(device)
     with torch.no_grad():
-        ms = _time_events(fn, reps=5 if batch >= 16 else 10)
-    return ms, torch.cuda.max_memory_allocated()
+        ms = median_ms(fn, device, reps, warmup)
+    return {"ms": ms, "tokens_per_s": batch * seq / ms * 1e3, "peak_bytes": peak_memory_bytes(device),
+            "reps": reps, "warmup": warmup}
 
 
-def _decode(model: nn.Module, batch: int, e2e: bool, steps: int = 20) -> tuple[float, int, str]:
-    """ms per decode step (one token for each of `batch` sequences, KV cache of SEQ tokens)."""
+# --- decode ----------------------------------------------------------------------------
+
+def _positions(start: int, length: int, device: torch.device) -> torch.Tensor:
+    return torch.arange(start, start + length, device=device)
+
+
+def decode_inputs(model: nn.Module, batch: int, seq: int, e2e: bool,
+                  device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random inputs of a decode measurement: the prefix that fills the cache (hidden states
+    [batch, seq, hidden]) and the new token (ids [batch, 1] for e2e, else hidden states)."""
+    cfg = model.config
+    gen = torch.Generator(device=device).manual_seed(seq + batch)
+    prefix = torch.randn(batch, seq, cfg.hidden_size, device=device, generator=gen, dtype=torch.bfloat16)
+    if e2e:
+        return prefix, torch.randint(0, cfg.vocab_size, (batch, 1), device=device, generator=gen)
+    return prefix, torch.randn(batch, 1, cfg.hidden_size, device=device, generator=gen, dtype=torch.bfloat16)
+
+
+def fill_static_cache(model: nn.Module, prefix: torch.Tensor, chunk: int = PREFILL_CHUNK):
+    """A StaticCache holding the prefix [batch, seq, hidden] (fed in chunks of `chunk`
+    tokens), with room for one more token.
+
+    transformers 5.x allocates the cache at its first update (so its batch size is the
+    prefix's) and attends over all max_cache_len slots with a mask; the next token is
+    written at slot seq, which must be < max_cache_len.
+    """
     from transformers import StaticCache
 
-    torch.cuda.empty_cache()
-    torch.cuda.reset_peak_memory_stats()
-    cfg = model.config
-    cache = StaticCache(config=cfg, max_cache_len=SEQ + 8)
-    pos = torch.full((1,), SEQ, device="cuda", dtype=torch.long)
+    batch, seq, _ = prefix.shape
+    cache = StaticCache(config=model.config, max_cache_len=seq + 8)  # a slot for the step, padded to 8
     with torch.no_grad():
-        # fill the cache with a (random-input) prefill of SEQ tokens, chunked to bound memory
-        for c0 in range(0, SEQ, 512):
-            cp = torch.arange(c0, c0 + 512, device="cuda")
-            h = torch.randn(batch, 512, cfg.hidden_size, device="cuda", dtype=torch.bfloat16)
-            model.model(inputs_embeds=h, past_key_values=cache, cache_position=cp, use_cache=True)
-        if e2e:
-            ids = torch.randint(0, cfg.vocab_size, (batch, 1), device="cuda")
-            step = lambda: model(input_ids=ids, past_key_values=cache, cache_position=pos, use_cache=True)  # noqa: E731
-        else:
-            x = torch.randn(batch, 1, cfg.hidden_size, device="cuda", dtype=torch.bfloat16)
-            step = lambda: model.model(inputs_embeds=x, past_key_values=cache, cache_position=pos,  # noqa: E731
-                                       use_cache=True)
-        mode = "cuda-graph"
-        try:
-            s = torch.cuda.Stream()
-            s.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(s):
-                for _ in range(3):
-                    step()
-            torch.cuda.current_stream().wait_stream(s)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                step()
-            run = graph.replay
-        except Exception as e:  # noqa: BLE001 - record and fall back to eager timing
-            print(f"graph capture failed ({type(e).__name__}: {str(e)[:160]}); timing eagerly", flush=True)
-            mode, run = "eager", step
-        ms = _time_events(lambda: [run() for _ in range(steps)], reps=5) / steps
-    return ms, torch.cuda.max_memory_allocated(), mode
+        for c0 in range(0, seq, chunk):
+            pos = _positions(c0, min(chunk, seq - c0), prefix.device)
+            # transformers 5.0 writes the cache at cache_position; 5.17 and 5.23 ignore it (the
+            # cache keeps its own write position) and read positions from position_ids.
+            model.model(inputs_embeds=prefix[:, c0:c0 + pos.numel()], past_key_values=cache, position_ids=pos[None],
+                        cache_position=pos, use_cache=True)
+    return cache
 
 
-def run_layer_bench(level: str, batches: list[int] | None, decode_batches: list[int] | None, layers: int | None,
-                    out_json: str | None, out_md: str | None) -> dict:
-    import triton
-    from transformers import LlamaForCausalLM
+def cache_write_counters(cache) -> list[torch.Tensor]:
+    """The per-layer write positions of a transformers ≥ 5.17 StaticCache (`cumulative_length`).
 
+    Every forward advances them by the number of new tokens, also on each CUDA-graph replay
+    (the increment is a recorded kernel): replayed 1-token steps write at seq, seq + 1, ...
+    and soon past max_cache_len, the index_copy_ out-of-bounds assert of run 3. Read them
+    after the prefill: the lazy initialisation replaces them with device tensors."""
+    counters = [getattr(layer, "cumulative_length", None) for layer in getattr(cache, "layers", [])]
+    return [c for c in counters if isinstance(c, torch.Tensor)]
+
+
+def _rewind(counters: list[torch.Tensor], position: torch.Tensor) -> None:
+    if counters:
+        torch._foreach_copy_(counters, [position] * len(counters))  # one kernel for all layers
+
+
+def decode_step_fn(model: nn.Module, cache, new: torch.Tensor, seq: int, e2e: bool) -> Callable[[], object]:
+    """One decode step of the token(s) `new` at position `seq`. Each call first rewinds the
+    cache's write position to `seq`: any number of calls (or graph replays) write the same
+    slot and see the same seq cached tokens, so every step is the same step."""
+    counters = cache_write_counters(cache)
+    position = torch.full((), seq, dtype=counters[0].dtype if counters else torch.long, device=new.device)
+    pos = _positions(seq, 1, new.device)
+    inputs = {"input_ids": new} if e2e else {"inputs_embeds": new}
+    forward = model if e2e else model.model
+
+    def step():
+        _rewind(counters, position)
+        return forward(**inputs, past_key_values=cache, position_ids=pos[None], cache_position=pos, use_cache=True)
+
+    return step
+
+
+def capture_graph(step: Callable[[], object], warmup: int = 3) -> Callable[[], object]:
+    """Record `step` in a CUDA graph (after warm-up on a side stream); returns its replay."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(warmup):
+            step()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    return graph.replay
+
+
+def measure_decode(model: nn.Module, batch: int, seq: int, e2e: bool, device: torch.device, steps: int = 20,
+                   reps: int = 5) -> dict[str, object]:
+    """ms per decode step (median of `reps` timings of `steps` back-to-back steps)."""
+    prefix, new = decode_inputs(model, batch, seq, e2e, device)
+    cache = fill_static_cache(model, prefix)
+    del prefix
+    step = decode_step_fn(model, cache, new, seq, e2e)
+    _release(device)  # the cache fill is a prefill: its peak is not decode memory
+    mode, run = "eager (no CUDA)", step
+    with torch.no_grad():
+        if device.type == "cuda":
+            try:
+                run, mode = capture_graph(step), "cuda-graph"
+            except Exception as e:  # noqa: BLE001 - record why and time eagerly
+                mode = f"eager (graph capture failed: {type(e).__name__}: {str(e)[:120]})"
+                print(f"decode b={batch}: {mode}", flush=True)
+        ms = median_ms(lambda: [run() for _ in range(steps)], device, reps, warmup=1) / steps
+    return {"ms": ms, "tokens_per_s": batch / ms * 1e3, "peak_bytes": peak_memory_bytes(device), "mode": mode,
+            "steps": steps, "reps": reps, "cache_tokens": seq}
+
+
+def profile_prefill(model: nn.Module, seq: int, e2e: bool, device: torch.device) -> dict[str, object]:
+    """GPU kernel time by stage of one batch-1 prefill (after one warm-up forward)."""
+    fn = prefill_fn(model, 1, seq, e2e, device)
+    with torch.no_grad():
+        fn()  # compiles the Triton kernels for this shape if the batch-1 timing did not run
+        return profile_breakdown(fn, device)
+
+
+# --- the benchmark ---------------------------------------------------------------------
+
+def _attempt(what: str, errors: list[str], fn: Callable[[], dict], device: torch.device) -> dict | None:
+    """Run one measurement; a failure (OOM at a large batch, say) is recorded, not fatal."""
+    try:
+        return fn()
+    except Exception as e:  # noqa: BLE001
+        msg = f"{what} failed: {type(e).__name__}: {str(e)[:300]}"
+        print(msg, flush=True)
+        errors.append(msg)
+        return None
+    finally:
+        _release(device)
+
+
+def bench_variant(config, variant: str, level: str, batches: list[int], decode_batches: list[int],
+                  device: torch.device, seq: int, reps: int, decode_steps: int, profile: bool,
+                  errors: list[str]) -> dict[str, object]:
     e2e = level == "e2e"
-    n_layers = layers or (32 if e2e else 1)
+    model = build_variant(config, variant, device)
+    synchronize(device)
+    r: dict[str, object] = {"linear_weight_bytes": linear_weight_bytes(model), "model_bytes": allocated_bytes(device),
+                            "prefill": {}, "decode": {}}
+    for b in batches:
+        b_reps = max(3, reps // 2) if b >= 16 else reps  # large batches take long enough to need fewer
+        m = _attempt(f"{variant} prefill b={b}", errors,
+                     lambda b=b, n=b_reps: measure_prefill(model, b, seq, e2e, device, reps=n), device)
+        if m is not None:
+            r["prefill"][str(b)] = m
+            print(f"{variant} prefill b={b}: {m['ms']:.3f} ms, peak {_gib(m['peak_bytes'])} GiB", flush=True)
+    if profile and device.type == "cuda":
+        r["breakdown_prefill_b1"] = _attempt(f"{variant} profile", errors,
+                                             lambda: profile_prefill(model, seq, e2e, device), device)
+    for b in decode_batches:
+        m = _attempt(f"{variant} decode b={b}", errors,
+                     lambda b=b: measure_decode(model, b, seq, e2e, device, steps=decode_steps), device)
+        if m is not None:
+            r["decode"][str(b)] = m
+            print(f"{variant} decode b={b}: {m['ms']:.3f} ms/step ({m['tokens_per_s']:.0f} tok/s, {m['mode']}), "
+                  f"peak {_gib(m['peak_bytes'])} GiB", flush=True)
+    del model
+    _release(device)
+    return r
+
+
+def run_layer_bench(level: str, batches: list[int] | None = None, decode_batches: list[int] | None = None,
+                    layers: int | None = None, out_json: str | None = None, out_md: str | None = None, *,
+                    variants: list[str] | None = None, device: str | torch.device = "cuda", config=None,
+                    seq: int = SEQ, reps: int = 10, decode_steps: int = 20, profile: bool = True) -> dict:
+    """Benchmark `level` ("layer" or "e2e"); prints and writes the markdown table and JSON.
+
+    config: a LlamaConfig (default: LLaMA-2-7B shapes with `layers` layers: 1 for "layer",
+    32 for "e2e"); decode_batches: values ≤ 0 are dropped ("--decode-batches 0": no decode).
+    """
+    if level not in DEFAULT_VARIANTS:
+        raise ValueError(f"level must be 'layer' or 'e2e', got {level!r}")
+    device = torch.device(device)
+    e2e = level == "e2e"
+    config = config or llama2_7b_config(layers or (32 if e2e else 1))
     batches = batches or ([1, 4] if e2e else [1, 4, 16])
     decode_batches = [b for b in (decode_batches or ([1, 16] if e2e else [1, 4, 16, 64])) if b > 0]
-    torch.manual_seed(0)
-    meta = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
-            "level": level, "layers": n_layers, "seq": SEQ}
+    variants = variants or DEFAULT_VARIANTS[level]
+    unknown = set(variants) - set(VARIANTS)
+    if unknown:
+        raise ValueError(f"unknown variants {sorted(unknown)}; choose from {list(VARIANTS)}")
+    meta = {**environment(device), "level": level, "layers": config.num_hidden_layers, "hidden": config.hidden_size,
+            "intermediate": config.intermediate_size, "seq": seq, "prefill_warmup": 3, "decode_steps": decode_steps,
+            "variants": variants}
     results: dict[str, dict] = {}
-    for variant in ("bf16", "w4a4"):
-        with torch.device("cuda"):
-            model = LlamaForCausalLM(_config(n_layers)).to(torch.bfloat16).eval()
-        model.config.use_cache = True
-        lin_bytes = _linear_bytes_bf16(model)
-        if variant == "w4a4":
-            lin_bytes = make_w4a4(model)
-        torch.cuda.synchronize()
-        r: dict[str, object] = {"linear_weight_bytes": lin_bytes, "model_bytes": torch.cuda.memory_allocated()}
-        for b in batches:
-            try:
-                ms, peak = _prefill(model, b, e2e)
-                r[f"prefill_b{b}_ms"], r[f"prefill_b{b}_peak_bytes"] = ms, peak
-                print(f"{variant} prefill b={b}: {ms:.2f} ms, peak {peak / 2**30:.2f} GiB", flush=True)
-            except Exception as e:  # noqa: BLE001 - OOM at batch 16 e2e, say
-                print(f"{variant} prefill b={b} failed: {type(e).__name__}: {str(e)[:200]}", flush=True)
-        for b in decode_batches:
-            try:
-                ms, peak, mode = _decode(model, b, e2e)
-                r[f"decode_b{b}_ms"], r[f"decode_b{b}_peak_bytes"], r[f"decode_b{b}_mode"] = ms, peak, mode
-                print(f"{variant} decode b={b}: {ms:.3f} ms/step ({b / ms * 1e3:.0f} tok/s, {mode}), "
-                      f"peak {peak / 2**30:.2f} GiB", flush=True)
-            except Exception as e:  # noqa: BLE001
-                print(f"{variant} decode b={b} failed: {type(e).__name__}: {str(e)[:200]}", flush=True)
-        results[variant] = r
-        del model
-        torch.cuda.empty_cache()
-    md = markdown(meta, results, batches, decode_batches)
+    errors: list[str] = []
+    for variant in variants:
+        results[variant] = bench_variant(config, variant, level, batches, decode_batches, device, seq, reps,
+                                         decode_steps, profile and not e2e, errors)
+        # partial results survive a timeout
+        write_results({"meta": meta, "results": results, "errors": errors, "partial": True}, "", out_json, None)
+    md = markdown(meta, results, errors)
     print(md)
-    write_results({"meta": meta, "results": results}, md, out_json, out_md)
-    return results
+    payload = {"meta": meta, "results": results, "errors": errors}
+    write_results(payload, md, out_json, out_md)
+    return payload
 
 
-def markdown(meta: dict, res: dict, batches: list[int], decode_batches: list[int]) -> str:
-    b16, w4 = res.get("bf16", {}), res.get("w4a4", {})
-    what = "one decoder layer" if meta["level"] == "layer" else f"{meta['layers']}-layer model + LM head"
-    lines = [f"{meta['level']} ({what}, LLaMA-2-7B shapes, random weights); GPU {meta['gpu']}, torch {meta['torch']}, "
-             f"triton {meta['triton']}", "",
-             "| phase | batch | BF16 ms | W4A4 ms | speedup | BF16 peak GiB | W4A4 peak GiB |", "|---|---|---|---|---|---|---|"]
+# --- report ----------------------------------------------------------------------------
 
-    def row(phase: str, key: str, b: int) -> None:
-        t0, t1 = b16.get(f"{key}_ms"), w4.get(f"{key}_ms")
-        if t0 is None or t1 is None:
-            lines.append(f"| {phase} | {b} | {t0 or '—'} | {t1 or '—'} | — | | |")
-            return
-        p0, p1 = b16.get(f"{key}_peak_bytes", 0) / 2**30, w4.get(f"{key}_peak_bytes", 0) / 2**30
-        extra = f" ({w4.get(f'{key}_mode')})" if phase == "decode" else ""
-        lines.append(f"| {phase}{extra} | {b} | {t0:.3f} | {t1:.3f} | **{t0 / t1:.2f}×** | {p0:.2f} | {p1:.2f} |")
+def shape_label(hidden: int, intermediate: int) -> str:
+    base = f"hidden {hidden}, MLP {intermediate}"
+    return f"LLaMA-2-7B shapes ({base})" if (hidden, intermediate) == (4096, 11008) else f"tiny shapes ({base})"
 
+
+def _gib(nbytes: int | None) -> str:
+    return "—" if nbytes is None else f"{nbytes / 2**30:.2f}"
+
+
+def _measurement_rows(res: dict[str, dict], phase: str) -> list[str]:
+    base = res.get("bf16", {}).get(phase, {})
+    batches = sorted({int(b) for r in res.values() for b in r.get(phase, {})})
+    rows = []
     for b in batches:
-        row("prefill", f"prefill_b{b}", b)
-    for b in decode_batches:
-        row("decode", f"decode_b{b}", b)
-    if b16 and w4:
-        lines += ["", f"Linear-layer weight bytes: BF16 {b16['linear_weight_bytes'] / 2**20:.0f} MiB, W4A4 "
-                  f"{w4['linear_weight_bytes'] / 2**20:.0f} MiB ({b16['linear_weight_bytes'] / w4['linear_weight_bytes']:.2f}× "
-                  f"smaller); model resident {b16['model_bytes'] / 2**30:.2f} vs {w4['model_bytes'] / 2**30:.2f} GiB"]
+        for variant, r in res.items():
+            m = r.get(phase, {}).get(str(b))
+            if m is None:
+                rows.append(f"| {phase} | {b} | {variant} | failed | | | | | |")
+                continue
+            ref = base.get(str(b))
+            speedup = f"**{ref['ms'] / m['ms']:.2f}×**" if ref is not None and variant != "bf16" else ""
+            rows.append(f"| {phase} | {b} | {variant} | {m['ms']:.3f} | {speedup} | {m['tokens_per_s']:.0f} | "
+                        f"{_gib(m['peak_bytes'])} | {m['reps']} | {m.get('mode', '')} |")
+    return rows
+
+
+def markdown(meta: dict, res: dict[str, dict], errors: list[str] | None = None) -> str:
+    what = ("one decoder layer (inputs_embeds in, final norm out)" if meta["level"] == "layer"
+            else f"{meta['layers']}-layer model with embedding and LM head")
+    lines = [f"## {meta['level']}: {what}", "",
+             f"{shape_label(meta['hidden'], meta['intermediate'])}, random weights, BF16 activations. "
+             f"{environment_line(meta)}.", "",
+             f"Prefill: batch × {meta['seq']} tokens without KV cache; ms = median of `reps` timed forwards after "
+             f"{meta['prefill_warmup']} warm-up forwards. Decode: ms per step (one new token per sequence, static KV "
+             f"cache of {meta['seq']} tokens); ms = median of `reps` timings of {meta['decode_steps']} back-to-back "
+             "steps after warm-up; mode says whether a step was a CUDA-graph replay. Times from CUDA events (wall "
+             "clock on the CPU). Peak: max allocated device memory during the measurement.", "",
+             "| phase | batch | variant | ms | vs BF16 | tokens/s | peak GiB | reps | mode |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    lines += _measurement_rows(res, "prefill") + _measurement_rows(res, "decode")
+    lines += ["", "| variant | decoder linear weights MiB | BF16 / this | resident after build GiB |",
+              "|---|---|---|---|"]
+    bf16_bytes = res.get("bf16", {}).get("linear_weight_bytes")
+    for variant, r in res.items():
+        ratio = f"{bf16_bytes / r['linear_weight_bytes']:.2f}×" if bf16_bytes else ""
+        lines.append(f"| {variant} | {r['linear_weight_bytes'] / 2**20:.1f} | {ratio} | {_gib(r['model_bytes'])} |")
+    profiles = {v: r["breakdown_prefill_b1"] for v, r in res.items() if r.get("breakdown_prefill_b1")}
+    if profiles:
+        lines += ["", "GPU kernel time by stage, prefill batch 1 (one forward under torch.profiler, µs):", "",
+                  breakdown_markdown(profiles).rstrip()]
+    if errors:
+        lines += ["", "Failed measurements:", ""] + [f"- {e}" for e in errors]
     return "\n".join(lines) + "\n"

@@ -15,9 +15,15 @@ import torch
 from duquant.kernels import reference as ref
 from duquant.kernels.weight import PackedWeight
 
-# Largest token count served by the packed-weight decode kernel. Its first version is
+# Largest token count served by the packed-weight decode kernels. Its first version is
 # slower than BF16 already at M = 16 (results/kernels/NOTES.md), so keep it small.
 DECODE_MAX_M = 16
+# Up to this M the decode path is the dp4a GEMV (triton_decode.w4a8_gemv, kernel limit 16);
+# above it, the int8-MMA decode kernel. Chosen from the sm_90 SASS, not yet from H100 timings:
+# the GEMV costs ~2·M dp4a per packed 4-byte word and no padding of M to 16, so it should stay
+# weight-bandwidth-bound to M ≈ 8 and still beat the MMA kernel (11–20 µs, ~1 TB/s, flat in
+# M ≤ 16) at M = 16. Lower it if the bench (`gemv_*` against `decode_*` keys) says otherwise.
+DECODE_GEMV_MAX_M = 16
 # v1 of the fused Hadamard kernel failed parity on H100; v2 (the three-launch pipeline of
 # triton_transform) replaced it. DUQUANT_HADAMARD_KERNEL=0 sends hadamard_quantize to the
 # reference on every device.
@@ -111,8 +117,9 @@ def _prefill(a: torch.Tensor, s_x: torch.Tensor, w: PackedWeight, bias: torch.Te
 def w4a4_linear(a: torch.Tensor, s_x: torch.Tensor, weight: PackedWeight, bias: torch.Tensor | None = None,
                 out_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
     """y = s_x · s_w · (a @ (q_w − z_w)ᵀ) (+ bias): a [..., K] int8/e4m3, s_x float32 [...],
-    weight [N, K] packed W4 -> y [..., N]. M ≤ DECODE_MAX_M uses the packed-weight decode
-    kernel; larger M the 8-bit prefill GEMM (weight.w8, or a transient expansion)."""
+    weight [N, K] packed W4 -> y [..., N]. M ≤ DECODE_MAX_M uses a packed-weight decode
+    kernel (the dp4a GEMV up to DECODE_GEMV_MAX_M, else the int8-MMA one); larger M the
+    8-bit prefill GEMM (weight.w8, or a transient expansion)."""
     k = a.shape[-1]
     a2 = a.reshape(-1, k)
     s2 = s_x.reshape(-1).to(torch.float32)
@@ -121,8 +128,11 @@ def w4a4_linear(a: torch.Tensor, s_x: torch.Tensor, weight: PackedWeight, bias: 
         y = ref.w4a4_linear_ref(a2.to(torch.float32).to(torch.int8) if a2.dtype != torch.int8 else a2, s2,
                                 weight, bias, out_dtype)
     elif m <= DECODE_MAX_M:
-        from duquant.kernels.triton_decode import w4a8_decode
-        y = w4a8_decode(a2, s2, weight.packed, weight.scale, weight.zero, bias, out_dtype)
+        from duquant.kernels import triton_decode as dec
+        if m <= DECODE_GEMV_MAX_M and dec.gemv_supported(m, k, weight.packed):
+            y = dec.w4a8_gemv(a2, s2, weight.packed, weight.scale, weight.zero, bias, out_dtype)
+        else:
+            y = dec.w4a8_decode(a2, s2, weight.packed, weight.scale, weight.zero, bias, out_dtype)
     else:
         y = _prefill(a2, s2, weight, bias, out_dtype)
     return y.reshape(*a.shape[:-1], weight.out_features)

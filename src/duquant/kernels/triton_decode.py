@@ -1,13 +1,20 @@
 """Decode GEMM (few tokens): int8 activations × packed 4-bit weights, read straight from
-the packed bytes.
+the packed bytes. Two kernels:
 
-At M ≤ 64 a linear layer is bound by reading the weight, so the kernel is built around
-that stream: each program reads a [BLOCK_N, BLOCK_K/2] tile of packed bytes with 16-byte
-loads along K, splits the nibbles in registers, and feeds two int8 MMAs (low nibbles with
-the even activation columns, high nibbles with the odd ones, so no interleave is needed).
-The tokens are the small MMA dimension (padded to 16). Split-K gives every SM several
-programs even for N = 576; partial sums then go through a small reduce kernel.
-Zero point: Σ_k a·(q − z) = Σ_k a·q − z·Σ_k a, exact in int32.
+* `w4a8_gemv` (M ≤ 16, the default for decode; see ops.DECODE_GEMV_MAX_M): CUDA-core
+  GEMV. Each packed int32 word (8 codes) becomes two int8x4 operands with two logic ops
+  and feeds `dp4a` (4 multiply-adds per instruction) for every token; split-K partial
+  sums are scaled and added with fp32 atomics, and the last program of each row block
+  writes the output. One launch, no padding of the tokens to an MMA tile.
+* `w4a8_decode` (M ≤ 64, the first design): at M ≤ 64 a linear layer is bound by reading
+  the weight, so the kernel is built around that stream: each program reads a
+  [BLOCK_N, BLOCK_K/2] tile of packed bytes with 16-byte loads along K, splits the
+  nibbles in registers, and feeds two int8 MMAs (low nibbles with the even activation
+  columns, high nibbles with the odd ones, so no interleave is needed). The tokens are the
+  small MMA dimension (padded to 16). Split-K gives every SM several programs even for
+  N = 576; partial sums then go through a small reduce kernel.
+
+Zero point (both): Σ_k a·(q − z) = Σ_k a·q − z·Σ_k a, exact in int32.
 """
 from __future__ import annotations
 
@@ -167,4 +174,266 @@ def w4a8_decode(a: torch.Tensor, s_x: torch.Tensor, packed: torch.Tensor, w_scal
             ws, s_x, w_scale, w_zero if not has_bias else bias, out, m, n, out.stride(0),
             SPLIT_K=split_k, BLOCK=block, HAS_BIAS=has_bias, num_warps=4,
         )
+    return out
+
+
+# --- GEMV path (M ≤ 16): CUDA-core dp4a, one launch ------------------------------------
+
+GEMV_MAX_M = 16  # largest token count the GEMV kernel takes (tokens are a register dimension)
+
+
+@triton.jit
+def _dp4a(a, b, c):
+    """c + Σ_{i<4} a.byte[i] · b.byte[i], bytes read as signed int8 (weight nibbles are 0..15)."""
+    if _INTERPRET:  # no inline PTX in the interpreter: the same arithmetic with shifts
+        r = c
+        for i in tl.static_range(4):
+            r += ((a << (24 - 8 * i)) >> 24) * ((b << (24 - 8 * i)) >> 24)
+    else:
+        r = tl.inline_asm_elementwise("dp4a.s32.s32 $0, $1, $2, $3;", "=r,r,r,r", [a, b, c],
+                                      dtype=tl.int32, is_pure=True, pack=1)
+    return r
+
+
+@triton.jit
+def _even_odd(x0, x1):
+    """Activation words x0 = bytes (a0 a1 a2 a3), x1 = (a4 a5 a6 a7) -> (a0 a2 a4 a6), (a1 a3 a5 a7),
+    the byte order of `w & 0x0F0F0F0F` and `(w >> 4) & 0x0F0F0F0F` for a packed word w."""
+    if _INTERPRET:
+        u0 = x0.to(tl.uint32, bitcast=True)
+        u1 = x1.to(tl.uint32, bitcast=True)
+        ue = (u0 & 0xFF) | ((u0 >> 8) & 0xFF00) | ((u1 << 16) & 0xFF0000) | ((u1 << 8) & 0xFF000000)
+        uo = ((u0 >> 8) & 0xFF) | ((u0 >> 16) & 0xFF00) | ((u1 << 8) & 0xFF0000) | (u1 & 0xFF000000)
+        ae = ue.to(tl.int32, bitcast=True)
+        ao = uo.to(tl.int32, bitcast=True)
+    else:  # one byte permute each (prmt selects bytes of the 8-byte pair {x1, x0})
+        ae = tl.inline_asm_elementwise("prmt.b32 $0, $1, $2, 0x6420;", "=r,r,r", [x0, x1], dtype=tl.int32,
+                                       is_pure=True, pack=1)
+        ao = tl.inline_asm_elementwise("prmt.b32 $0, $1, $2, 0x7531;", "=r,r,r", [x0, x1], dtype=tl.int32,
+                                       is_pure=True, pack=1)
+    return ae, ao
+
+
+@triton.jit
+def _split4(x):
+    """[D0, D1, 4] -> four [D0, D1]: the 4 words of one 16-byte load, all held by one thread."""
+    x01, x23 = tl.split(tl.reshape(x, [x.shape[0], x.shape[1], 2, 2]))
+    x0, x1 = tl.split(x01)
+    x2, x3 = tl.split(x23)
+    return x0, x1, x2, x3
+
+
+@triton.jit
+def _gemv_tile(w_ptrs, a_ptrs, kw, kw_total, rw, ra, acc, asum, ones,
+               BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, G: tl.constexpr, EVEN_K: tl.constexpr):
+    """One K tile: acc[t, n, g] += Σ over the 4 words of group g of dp4a(codes, activations)."""
+    if EVEN_K:
+        w = tl.load(w_ptrs + kw)
+        av = tl.load(a_ptrs + 2 * kw)
+    else:
+        w = tl.load(w_ptrs + kw, mask=((kw + rw) < kw_total)[None, :], other=0)
+        av = tl.load(a_ptrs + 2 * kw, mask=((2 * kw + ra) < 2 * kw_total)[None, :], other=0)
+    # activation words 2j, 2j+1 belong to weight word j (k = 8j .. 8j+7)
+    x0, x1 = tl.split(tl.reshape(av, [BLOCK_M, G, 4, 2]))
+    asum = _dp4a(x0, ones, _dp4a(x1, ones, asum))  # Σ a, for the zero point
+    ae, ao = _even_odd(x0, x1)
+    w = tl.reshape(w, [BLOCK_N, G, 4])
+    lo = w & 0x0F0F0F0F  # codes of k = 8j, 8j+2, 8j+4, 8j+6 as int8x4
+    hi = (w >> 4) & 0x0F0F0F0F  # k = 8j+1, +3, +5, +7
+    l0, l1, l2, l3 = _split4(lo)
+    h0, h1, h2, h3 = _split4(hi)
+    e0, e1, e2, e3 = _split4(ae)
+    o0, o1, o2, o3 = _split4(ao)
+    # [1, BLOCK_N, G] × [BLOCK_M, 1, G]: each thread chains its 4 words into one accumulator
+    acc = _dp4a(l0[None, :, :], e0[:, None, :], acc)
+    acc = _dp4a(h0[None, :, :], o0[:, None, :], acc)
+    acc = _dp4a(l1[None, :, :], e1[:, None, :], acc)
+    acc = _dp4a(h1[None, :, :], o1[:, None, :], acc)
+    acc = _dp4a(l2[None, :, :], e2[:, None, :], acc)
+    acc = _dp4a(h2[None, :, :], o2[:, None, :], acc)
+    acc = _dp4a(l3[None, :, :], e3[:, None, :], acc)
+    acc = _dp4a(h3[None, :, :], o3[:, None, :], acc)
+    return acc, asum
+
+
+# split_k / tiles_per_split stay runtime values (no "== 1" specialization): a one-split call
+# and a split-K call share one binary, so a warm-up call compiles what a graph capture needs.
+@triton.jit(do_not_specialize=["split_k", "tiles_per_split"])
+def w4a8_gemv_kernel(
+    a_ptr, w_ptr, sx_ptr, sw_ptr, zw_ptr, bias_ptr, out_ptr, ws_ptr, cnt_ptr,
+    M, N, KW, stride_a, stride_w, stride_om, split_k, tiles_per_split,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, NUM_STAGES: tl.constexpr,
+    HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr, ALIGNED: tl.constexpr,
+):
+    """Bandwidth-first GEMV over packed W4: y[t, n] = s_x[t]·s_w[n]·Σ_k a[t, k]·(q[n, k] − z[n]) (+ bias).
+
+    Operands as int32 words: a_ptr is the int8 activation [M, K] viewed as [M, K/4], w_ptr
+    the packed weight [N, K/2] viewed as [N, KW = K/8] (8 codes per word, the stored
+    layout, untouched). Program (pid_n, pid_k) owns BLOCK_N rows and `tiles_per_split`
+    tiles of BLOCK_K along K.
+
+    Per tile, every thread loads 16 contiguous bytes (4 words = 32 codes) of each of its rows
+    (cp.async through shared memory when NUM_STAGES > 1, so the next tiles are in flight
+    while this one is computed) and 32 activation bytes per token. Per word: `w & 0x0F0F0F0F`
+    and `(w >> 4) & 0x0F0F0F0F` give the even and odd codes as int8x4; the activations get
+    the same byte order once per tile (`prmt`), and each (word, token) pair costs 2 `dp4a`.
+    Cost (sm_90 SASS of the loop, default tiles): 1.8 / 2.5 / 3.7 / 6.9 / 12.3 instructions
+    per packed byte at M = 1 / 2 / 4 / 8 / 16, of which M/2 are dp4a. HBM at 3 TB/s feeds
+    ~13 bytes per clock per SM and an SM issues 128 thread-instructions per clock, so the
+    weight stream, not the ALU, bounds M ≤ 4 (≤ 40% issue) and about M = 8; M = 16 is
+    issue/dp4a-bound near half the bandwidth (still no padding of the tokens to 16 rows).
+
+    Split-K without a second launch: every program scales its partial sum (the epilogue is
+    linear in it) and adds it to an fp32 workspace with atomics, then bumps the row block's
+    arrival counter; the last to arrive reads the sums back while zeroing them (atomic
+    exchange), adds the bias (so the bias is added exactly once), writes y and resets the
+    counter. Workspace and counters are zero on entry and on exit: no memset per call, and
+    the kernel is CUDA-graph capturable.
+
+    Expected on H100 (graph replays, cold L2): ~2–2.8 TB/s of packed weight at M ≤ 4, i.e.
+    3.5–5 µs at 4096×4096 (8.4 MB; BF16 cuBLAS 15.9 µs) and 8.5–11 µs at 11008×4096.
+    """
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    G: tl.constexpr = BLOCK_K // 32  # 16-byte groups per row in a tile
+    WT: tl.constexpr = BLOCK_K // 8  # int32 words per row in a tile
+    rm = tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rw = tl.arange(0, WT)
+    ra = tl.arange(0, 2 * WT)
+    m_ok = rm < M
+    n_ok = rn < N
+    # clamp rows and tokens instead of masking them: their results are never stored
+    rm_safe = tl.where(m_ok, rm, 0)
+    rn_safe = tl.where(n_ok, rn, 0)
+    if ALIGNED:  # strides come in 16-byte units: the ×4 tells the compiler rows are 16-byte aligned
+        w_row = rn_safe * stride_w * 4
+        a_row = rm_safe * stride_a * 4
+        kw_total = (KW // 4) * 4  # = KW; keeps the K mask constant over each 16-byte vector
+    else:
+        w_row = rn_safe * stride_w
+        a_row = rm_safe * stride_a
+        kw_total = KW
+    w_ptrs = w_ptr + w_row[:, None] + rw[None, :]  # [BLOCK_N, WT]: contiguous along K
+    a_ptrs = a_ptr + a_row[:, None] + ra[None, :]  # [BLOCK_M, 2·WT]
+    acc = tl.zeros([BLOCK_M, BLOCK_N, G], dtype=tl.int32)
+    asum = tl.zeros([BLOCK_M, G, 4], dtype=tl.int32)
+    ones = tl.full([BLOCK_M, G, 4], 0x01010101, tl.int32)
+    t_lo = pid_k * tiles_per_split
+    t_hi = tl.minimum(t_lo + tiles_per_split, tl.cdiv(KW, WT))
+    if _INTERPRET:  # Triton 3.6's interpreter cannot run `range` over a runtime bound
+        t = t_lo
+        while t < t_hi:
+            acc, asum = _gemv_tile(w_ptrs, a_ptrs, t * WT, kw_total, rw, ra, acc, asum, ones,
+                                   BLOCK_N, BLOCK_M, G, EVEN_K)
+            t += 1
+    else:
+        for t in tl.range(t_lo, t_hi, num_stages=NUM_STAGES):  # explicit stages: no dot, no default pipelining
+            acc, asum = _gemv_tile(w_ptrs, a_ptrs, t * WT, kw_total, rw, ra, acc, asum, ones,
+                                   BLOCK_N, BLOCK_M, G, EVEN_K)
+    dot = tl.sum(acc, axis=2)  # [BLOCK_M, BLOCK_N], exact int32
+    a_tot = tl.sum(tl.sum(asum, axis=2), axis=1)  # [BLOCK_M]
+    zw = tl.load(zw_ptr + rn, mask=n_ok, other=0.0)
+    sw = tl.load(sw_ptr + rn, mask=n_ok, other=0.0)
+    sx = tl.load(sx_ptr + rm, mask=m_ok, other=0.0)
+    val = dot.to(tl.float32) - a_tot.to(tl.float32)[:, None] * zw[None, :]  # exact integers (< 2^24)
+    part = val * sx[:, None] * sw[None, :]
+    mask_o = m_ok[:, None] & n_ok[None, :]
+    out_ptrs = out_ptr + rm[:, None] * stride_om + rn[None, :]
+    if split_k == 1:
+        if HAS_BIAS:
+            part += tl.load(bias_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+        tl.store(out_ptrs, part.to(out_ptr.dtype.element_ty), mask=mask_o)
+    else:
+        ws_ptrs = ws_ptr + rm[:, None] * N + rn[None, :]
+        tl.atomic_add(ws_ptrs, part, mask=mask_o, sem="relaxed")
+        # all threads' adds are issued before the (release) arrival; the last arriver acquires
+        tl.debug_barrier()
+        arrived = tl.atomic_add(cnt_ptr + pid_n, 1, sem="acq_rel")
+        if arrived == split_k - 1:
+            # read the sums and zero them in one atomic (on the int32 bits: the interpreter has no fp32 xchg)
+            bits = tl.atomic_xchg(ws_ptrs.to(tl.pointer_type(tl.int32)), tl.zeros([BLOCK_M, BLOCK_N], tl.int32),
+                                  mask=mask_o, sem="relaxed")
+            y = bits.to(tl.float32, bitcast=True)
+            if HAS_BIAS:
+                y += tl.load(bias_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+            tl.store(out_ptrs, y.to(out_ptr.dtype.element_ty), mask=mask_o)
+            tl.atomic_xchg(cnt_ptr + pid_n, 0)  # ready for the next call
+
+
+def gemv_config(m: int, n: int, k: int, num_sms: int, block_n: int | None = None, block_k: int | None = None,
+                waves: int = 4, num_warps: int | None = None, num_stages: int = 3) -> dict[str, int]:
+    """Tiles and split-K for `w4a8_gemv`: ≥ `waves` programs per SM where K allows it, each
+    split a whole number of tiles (no empty splits).
+
+    Defaults (sm_90 SASS, no spills): M ≤ 4: 32 rows × 1024 k, 4 warps (72–128 registers,
+    16 KB of packed weight per tile); M ≤ 8: the same tile on 8 warps (128 registers);
+    M ≤ 16: 64 × 512 on 8 warps (185 registers; activation bytes read per tile stay at half
+    the weight bytes). Per thread the int32 accumulators are M·BLOCK_N·BLOCK_K/(1024·warps)."""
+    block_n = block_n or (32 if m <= 8 else 64)
+    block_k = block_k or (1024 if m <= 8 else 512)
+    num_warps = num_warps or (4 if m <= 4 else 8)
+    block_k = max(32, min(block_k, triton.next_power_of_2(k)))
+    n_tiles = triton.cdiv(n, block_n)
+    k_tiles = triton.cdiv(k, block_k)
+    split = max(1, min(k_tiles, triton.cdiv(waves * num_sms, n_tiles)))
+    tiles_per_split = triton.cdiv(k_tiles, split)
+    return {"BLOCK_M": max(1, triton.next_power_of_2(m)), "BLOCK_N": block_n, "BLOCK_K": block_k,
+            "NUM_STAGES": num_stages, "num_warps": num_warps,
+            "split_k": triton.cdiv(k_tiles, tiles_per_split), "tiles_per_split": tiles_per_split}
+
+
+# Split-K workspace of the GEMV: fp32 sums and per-row-block arrival counters, zeroed once
+# and left zeroed by every call. One per device: calls must not overlap (one stream, as in
+# decoding). Call once before CUDA-graph capture: a workspace first needed during capture
+# is a fresh zeroed one for that call (a memset node in the graph), not kept.
+_GEMV_WS: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def _gemv_workspace(numel: int, counters: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    ws, cnt = _GEMV_WS.get(device, (None, None))
+    if ws is None or ws.numel() < numel or cnt.numel() < counters:
+        ws = torch.zeros(max(numel, 1 << 18), dtype=torch.float32, device=device)
+        cnt = torch.zeros(max(counters, 1 << 12), dtype=torch.int32, device=device)
+        # memory allocated while capturing is zeroed only when the graph replays
+        if not (device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
+            _GEMV_WS[device] = (ws, cnt)
+    return ws, cnt
+
+
+def gemv_supported(m: int, k: int, packed: torch.Tensor) -> bool:
+    """The GEMV reads the packed weight as int32 words: K % 8 == 0 and 4-byte aligned rows."""
+    return (m <= GEMV_MAX_M and k % 8 == 0 and packed.stride(-1) == 1 and packed.stride(0) % 4 == 0
+            and packed.data_ptr() % 4 == 0)
+
+
+def w4a8_gemv(a: torch.Tensor, s_x: torch.Tensor, packed: torch.Tensor, w_scale: torch.Tensor,
+              w_zero: torch.Tensor, bias: torch.Tensor | None = None, out_dtype: torch.dtype = torch.bfloat16,
+              config: dict[str, int] | None = None, **tune: int) -> torch.Tensor:
+    """a int8/e4m3 [M, K] (M ≤ 16, K % 8 == 0), packed uint8 [N, K/2] -> y [M, N] out_dtype.
+
+    tune: block_n, block_k, waves, num_warps, num_stages (see `gemv_config`)."""
+    m, k = a.shape
+    n = packed.shape[0]
+    if not gemv_supported(m, k, packed):
+        raise ValueError(f"the GEMV takes M ≤ {GEMV_MAX_M} and K % 8 == 0 with 4-byte aligned weight rows "
+                         f"(M={m}, K={k})")
+    if a.dtype != torch.int8:  # e4m3 holding integers (not the decode carrier): exact conversion
+        a = a.to(torch.int8)
+    if a.stride(-1) != 1 or a.stride(0) % 4 or a.data_ptr() % 4:
+        a = torch.empty_like(a, memory_format=torch.contiguous_format).copy_(a)
+    cfg = dict(config or gemv_config(m, n, k, _num_sms(a.device), **tune))
+    split_k, tiles_per_split = cfg.pop("split_k"), cfg.pop("tiles_per_split")  # runtime: no recompiles
+    a32, w32 = a.view(torch.int32), packed.view(torch.int32)
+    sa, sw = a32.stride(0), w32.stride(0)
+    aligned = sa % 4 == 0 and sw % 4 == 0 and (k // 8) % 4 == 0
+    out = torch.empty((m, n), dtype=out_dtype, device=a.device)
+    n_tiles = triton.cdiv(n, cfg["BLOCK_N"])
+    ws, cnt = _gemv_workspace(m * n, n_tiles, a.device) if split_k > 1 else (out, out)
+    has_bias = bias is not None
+    w4a8_gemv_kernel[(n_tiles, split_k)](
+        a32, w32, s_x, w_scale, w_zero, bias if has_bias else out, out, ws, cnt,
+        m, n, k // 8, sa // 4 if aligned else sa, sw // 4 if aligned else sw, out.stride(0), split_k, tiles_per_split,
+        HAS_BIAS=has_bias, EVEN_K=(k // 8) % (cfg["BLOCK_K"] // 8) == 0, ALIGNED=aligned, **cfg,
+    )
     return out

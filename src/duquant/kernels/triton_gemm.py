@@ -90,8 +90,10 @@ def fp8_gemm(a: torch.Tensor, s_x: torch.Tensor, w8: torch.Tensor, w_scale: torc
 
     cuBLAS wants M, N, K multiples of 16 (callers route other M to `int8_gemm`).
     """
+    # cuBLAS's row-wise scaling emits bf16 only: an fp16 model gets one extra cast.
     y = torch._scaled_mm(a, w8.t(), scale_a=s_x.reshape(-1, 1), scale_b=w_scale.reshape(1, -1),
-                         out_dtype=out_dtype, use_fast_accum=fast_accum)
+                         out_dtype=torch.bfloat16, use_fast_accum=fast_accum)
+    y = y if out_dtype == torch.bfloat16 else y.to(out_dtype)
     if bias is not None:
         y += bias.to(y.dtype)
     return y

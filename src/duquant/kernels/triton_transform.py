@@ -1,4 +1,4 @@
-"""Fused online transform + per-token asymmetric quantization (v2: three wide launches).
+"""Fused online transform + per-token asymmetric quantization (v3: one launch).
 
 Both online transforms of the package are "block rotation → channel shuffle → block
 rotation" per token row:
@@ -6,21 +6,22 @@ rotation" per token row:
   * QuaRot's Hadamard H_K = H_A ⊗ H_n (A = K/n): x · (I_A ⊗ H_n) → transpose the [A, n]
     view of the row → · (I_n ⊗ H_A) → transpose back (see `triton_hadamard`).
 The shuffle mixes all blocks, so no program that owns a slice of K can finish a row.
-v1 kept whole rows in one program (BLOCK_M = 16 tokens) and ran 3·K/n small dependent
-products per program, one or two programs per SM: latency-bound, 170 µs at
-M = 2048, K = 4096. v2 splits the work into three launches of (token tile × block)
-programs, thousands of independent programs each:
+v1 kept whole rows in one program (latency-bound: 170 µs at M = 2048, K = 4096). v2 ran
+three launches of (token tile × block) programs:
   A. u = (x/smooth)·R̂₁ for one [BLOCK_M, n] tile, stored *token-minor* into a scratch
      vT [K, M_pad] at row dest[c] (dest = inverse permutation): the shuffle happens on
      the store, and each stored row segment is BLOCK_M contiguous tokens (a full
      128-byte line at BLOCK_M = 64, bf16).
   B. a tile [N2, BLOCK_M] of vT (contiguous rows), yᵀ = R̂₂ᵀ·vT_tile, per-token partial
      min/max written to stats [K/N2, M_pad] (tiny).
-  C. the same tile and product again (vT is L2-resident at prefill sizes; recomputing
-     costs one more L2 read and a small MMA, cheaper than an fp32 round trip of y), the
-     per-token min/max reduced from the stats, and the centered codes stored.
-HBM traffic ≈ x read + vT write/read (mostly L2) + codes: ~2.5× the 8.4 µs floor at
-M = 2048, K = 4096, instead of v1's latency chain.
+  C. the same tile and product again, the per-token min/max reduced from the stats, and
+     the centered codes stored.
+On the H100 v2 took 64 µs of GPU time (M = 2048, K = 4096) and ~90 µs per eager call:
+three Triton launches cost more host time than the GPU work, and stage C re-read vT.
+v3 runs the same three stages in one launch: the programs of one token tile meet at a
+global counter between the stages (`transform_quant_kernel`), and y stays in registers
+from stage B to stage C. The three-launch form is kept (STAGE = 1, 2, 3) for the CPU
+interpreter and as a fallback (DUQUANT_FUSED_TRANSFORM=0).
 Numerics: fast mode feeds the tensor cores bf16 (R̂ and x/smooth rounded to bf16, u
 stored as bf16, fp32 accumulation); precise mode keeps u in float32 and runs the
 products as 3×TF32 (≈ fp32).
@@ -52,15 +53,10 @@ def _dot(a, b, PRECISE: tl.constexpr):
 
 
 @triton.jit
-def rot1_scatter_kernel(
-    x_ptr, smooth_ptr, rot1_ptr, dest_ptr, vt_ptr, M, stride_xm, M_PAD,
-    N1: tl.constexpr, BLOCK_M: tl.constexpr, HAS_SMOOTH: tl.constexpr, HAS_R1: tl.constexpr,
-    HAS_DEST: tl.constexpr, PRECISE: tl.constexpr,
-):
-    """vT[dest[c·N1 + j], m0 + i] = ((x/smooth)[m0 + i, c-block] · R̂₁)[i, j]."""
-    pid_m = tl.program_id(0)
-    c = tl.program_id(1)
-    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+def _rot1_store(x_ptr, smooth_ptr, r1, dest_ptr, vt_ptr, c, rm, store_ok, M, stride_xm, M_PAD,
+                N1: tl.constexpr, HAS_SMOOTH: tl.constexpr, HAS_R1: tl.constexpr, HAS_DEST: tl.constexpr,
+                PRECISE: tl.constexpr):
+    """vT[dest[c·N1 + j], rm[i]] = ((x/smooth)[rm[i], block c] · R̂₁)[i, j]; r1 is the loaded R̂₁."""
     rn = tl.arange(0, N1)
     cols = c * N1 + rn
     h = tl.load(x_ptr + rm.to(tl.int64)[:, None] * stride_xm + cols[None, :], mask=(rm < M)[:, None], other=0.0)
@@ -68,100 +64,166 @@ def rot1_scatter_kernel(
     if HAS_SMOOTH:
         h = tl.math.div_rn(h, tl.load(smooth_ptr + cols)[None, :])
     if HAS_R1:
-        h = _dot(h, tl.load(rot1_ptr + rn[:, None] * N1 + rn[None, :]), PRECISE)
+        h = _dot(h, r1, PRECISE)
     if HAS_DEST:
         rows = tl.load(dest_ptr + cols)
     else:
         rows = cols
     # token-minor: one stored segment = BLOCK_M consecutive tokens of one channel
-    tl.store(vt_ptr + rows.to(tl.int64)[None, :] * M_PAD + rm[:, None], h.to(vt_ptr.dtype.element_ty))
+    tl.store(vt_ptr + rows.to(tl.int64)[None, :] * M_PAD + rm[:, None], h.to(vt_ptr.dtype.element_ty),
+             mask=store_ok)
 
 
 @triton.jit
-def _rot2_tile(vt_ptr, rot2t_ptr, srow_ptr, b, rm, M_PAD, N2: tl.constexpr, KC: tl.constexpr, BLOCK_M: tl.constexpr,
-               HAS_R2: tl.constexpr, HAS_MAP: tl.constexpr, PRECISE: tl.constexpr):
+def _rot2_tile(vt_ptr, rot2t_ptr, r2, srow_ptr, b, rm, M_PAD, N2: tl.constexpr, KC: tl.constexpr,
+               BLOCK_M: tl.constexpr, HAS_R2: tl.constexpr, HAS_MAP: tl.constexpr, PRECISE: tl.constexpr):
     """yᵀ [N2, BLOCK_M] = R̂₂ᵀ · vT[rows of output block b, tokens rm]; rows < 0 read as 0.
-    The product runs in KC-wide slices of the reduction so that large blocks (N2 = 256)
-    never hold a whole N2×N2 operand."""
+    KC = N2: r2 is R̂₂ᵀ, loaded once by the caller. KC < N2 (N2 = 256): the product runs in
+    KC-wide slices of the reduction, read here, so no program holds a 256×256 operand.
+    vT was written by other programs: ".cg" loads skip the SM's (non-coherent) L1."""
     rr = tl.arange(0, N2)
     if HAS_R2:
-        y = tl.zeros([N2, BLOCK_M], dtype=tl.float32)
-        rk = tl.arange(0, KC)
-        for kc in tl.static_range(0, N2, KC):
+        if KC == N2:
             if HAS_MAP:
-                src = tl.load(srow_ptr + b * N2 + kc + rk)
+                src = tl.load(srow_ptr + b * N2 + rr)
                 v = tl.load(vt_ptr + src.to(tl.int64)[:, None] * M_PAD + rm[None, :], mask=(src >= 0)[:, None],
-                            other=0.0)
+                            other=0.0, cache_modifier=".cg")
             else:
-                src = b * N2 + kc + rk
-                v = tl.load(vt_ptr + src.to(tl.int64)[:, None] * M_PAD + rm[None, :])
-            r = tl.load(rot2t_ptr + rr[:, None] * N2 + (kc + rk)[None, :])
-            y += _dot(r, v, PRECISE)
+                src = b * N2 + rr
+                v = tl.load(vt_ptr + src.to(tl.int64)[:, None] * M_PAD + rm[None, :], cache_modifier=".cg")
+            y = _dot(r2, v, PRECISE)
+        else:
+            y = tl.zeros([N2, BLOCK_M], dtype=tl.float32)
+            rk = tl.arange(0, KC)
+            for kc in tl.static_range(0, N2, KC):
+                if HAS_MAP:
+                    src = tl.load(srow_ptr + b * N2 + kc + rk)
+                    v = tl.load(vt_ptr + src.to(tl.int64)[:, None] * M_PAD + rm[None, :], mask=(src >= 0)[:, None],
+                                other=0.0, cache_modifier=".cg")
+                else:
+                    src = b * N2 + kc + rk
+                    v = tl.load(vt_ptr + src.to(tl.int64)[:, None] * M_PAD + rm[None, :], cache_modifier=".cg")
+                r = tl.load(rot2t_ptr + rr[:, None] * N2 + (kc + rk)[None, :])
+                y += _dot(r, v, PRECISE)
     else:
         if HAS_MAP:
             src = tl.load(srow_ptr + b * N2 + rr)
             v = tl.load(vt_ptr + src.to(tl.int64)[:, None] * M_PAD + rm[None, :], mask=(src >= 0)[:, None],
-                        other=0.0)
+                        other=0.0, cache_modifier=".cg")
         else:
             src = b * N2 + rr
-            v = tl.load(vt_ptr + src.to(tl.int64)[:, None] * M_PAD + rm[None, :])
+            v = tl.load(vt_ptr + src.to(tl.int64)[:, None] * M_PAD + rm[None, :], cache_modifier=".cg")
         y = v.to(tl.float32)
     return y
 
 
 @triton.jit
-def rot2_stats_kernel(
-    vt_ptr, rot2t_ptr, srow_ptr, ocol_ptr, stats_ptr, M_PAD, post_scale,
-    N2: tl.constexpr, KC: tl.constexpr, BLOCK_M: tl.constexpr, HAS_R2: tl.constexpr, HAS_MAP: tl.constexpr,
-    PRECISE: tl.constexpr,
-):
-    """stats[0, b, t] = min over block b of y[t, :], stats[1, b, t] = max."""
-    pid_m = tl.program_id(0)
-    b = tl.program_id(1)
-    nb = tl.num_programs(1)
-    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    y = _rot2_tile(vt_ptr, rot2t_ptr, srow_ptr, b, rm, M_PAD, N2, KC, BLOCK_M, HAS_R2, HAS_MAP, PRECISE) * post_scale
-    if HAS_MAP:
-        valid = (tl.load(ocol_ptr + b * N2 + tl.arange(0, N2)) >= 0)[:, None]
-        lo = tl.min(tl.where(valid, y, float("inf")), axis=0)
-        hi = tl.max(tl.where(valid, y, float("-inf")), axis=0)
-    else:
-        lo = tl.min(y, axis=0)
-        hi = tl.max(y, axis=0)
-    tl.store(stats_ptr + b * M_PAD + rm, lo)
-    tl.store(stats_ptr + (nb + b) * M_PAD + rm, hi)
+def _arrive_and_wait(counter_ptr, target):
+    """Barrier among the programs of one token group (all resident at once: see
+    `transform_quant_kernel`). The counter only grows within a launch; the bounded spin
+    turns a broken residency assumption into wrong codes (caught by the parity tests)
+    instead of a hung GPU."""
+    tl.debug_barrier()  # every thread's stores are issued before this program arrives
+    seen = tl.atomic_add(counter_ptr, 1, sem="acq_rel", scope="gpu") + 1
+    spins = 0
+    while (seen < target) & (spins < 4_000_000):
+        seen = tl.atomic_add(counter_ptr, 0, sem="acquire", scope="gpu")
+        spins += 1
+    tl.debug_barrier()
 
 
 @triton.jit
-def rot2_quant_kernel(
-    vt_ptr, rot2t_ptr, srow_ptr, ocol_ptr, stats_ptr, out_ptr, scale_ptr, M, M_PAD, NB, stride_om,
-    post_scale, clip, qmax,
-    N2: tl.constexpr, KC: tl.constexpr, BLOCK_M: tl.constexpr, NB_PAD: tl.constexpr, HAS_R2: tl.constexpr, HAS_MAP: tl.constexpr,
-    PRECISE: tl.constexpr,
+def transform_quant_kernel(
+    x_ptr, smooth_ptr, rot1_ptr, dest_ptr, vt_ptr, rot2t_ptr, srow_ptr, ocol_ptr, rowmin_ptr, rowmax_ptr, out_ptr,
+    scale_ptr, sync_ptr, M, stride_xm, M_PAD, NA, NB, P, stride_om, post_scale, clip, qmax,
+    N1: tl.constexpr, N2: tl.constexpr, KC: tl.constexpr, BLOCK_M: tl.constexpr, SUB: tl.constexpr,
+    HAS_SMOOTH: tl.constexpr, HAS_R1: tl.constexpr, HAS_DEST: tl.constexpr, HAS_R2: tl.constexpr,
+    HAS_MAP: tl.constexpr, PRECISE: tl.constexpr, STAGE: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    b = tl.program_id(1)
-    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    rb = tl.arange(0, NB_PAD)
-    st = stats_ptr + rb[:, None] * M_PAD + rm[None, :]
-    b_ok = (rb < NB)[:, None]
-    row_min = tl.min(tl.load(st, mask=b_ok, other=float("inf")), axis=0)
-    row_max = tl.max(tl.load(st + NB * M_PAD, mask=b_ok, other=float("-inf")), axis=0)
-    scale, zero = asym_qparams(row_min, row_max, clip, qmax)
-    m_ok = rm < M
-    if b == 0:
-        tl.store(scale_ptr + rm, scale, mask=m_ok)
-    y = _rot2_tile(vt_ptr, rot2t_ptr, srow_ptr, b, rm, M_PAD, N2, KC, BLOCK_M, HAS_R2, HAS_MAP, PRECISE) * post_scale
-    # centered_codes works on rows; here tokens are columns: transpose the tile once.
-    a = centered_codes(tl.trans(y), scale, zero, qmax)  # [BLOCK_M, N2]
-    rr = tl.arange(0, N2)
-    if HAS_MAP:
-        oc = tl.load(ocol_ptr + b * N2 + rr)
-        ok = m_ok[:, None] & (oc >= 0)[None, :]
+    """One program = one block × one token group of SUB·BLOCK_M tokens (the rotation is
+    read once per program and used for SUB token tiles; on the H100 SUB > 1 did not pay,
+    see DEFAULT_SUB_TILES). The three stages:
+      1. u = (x/smooth)·R̂₁ for input block b, stored token-minor at the permuted rows of vT;
+      2. y = R̂₂ᵀ·vT for output block b; per-token min/max of the block merged into
+         rowmin/rowmax with float atomics (stage 1 initialises them);
+      3. scale/zero from rowmin/rowmax, y again (one more L2 read of vT), centered codes.
+    STAGE 1/2/3 runs one stage per launch (the CPU interpreter runs programs one after
+    another, so it needs this form). STAGE 0 runs all three in one launch (fewer host
+    launches: small M): the P programs of a token group meet at a counter between the
+    stages. Programs take their (group, block) from a ticket counter in the order they
+    start, so a waiting program's earlier tickets are all running and the rest start as
+    soon as any earlier group ends: no deadlock while P programs fit on the GPU at once
+    (P ≤ K/16, far below the resident limit). The last program of a group resets its
+    counter and the last program of the launch the ticket, so the next launch (or CUDA
+    graph replay) finds zeros."""
+    if STAGE == 0:
+        ticket = tl.atomic_add(sync_ptr, 1)
+        g = ticket // P
+        b = ticket % P
+        group_counter = sync_ptr + 2 + g
     else:
-        oc = b * N2 + rr
-        ok = m_ok[:, None]
-    tl.store(out_ptr + rm.to(tl.int64)[:, None] * stride_om + oc[None, :], a.to(out_ptr.dtype.element_ty), mask=ok)
+        b = tl.program_id(0)
+        g = tl.program_id(1)
+    m0 = g * (SUB * BLOCK_M)
+    if STAGE == 0 or STAGE == 1:
+        ba = tl.minimum(b, NA - 1)  # programs past the last input block only take part in the barriers
+        rn = tl.arange(0, N1)
+        r1 = tl.load(rot1_ptr + rn[:, None] * N1 + rn[None, :]) if HAS_R1 else 0.0
+        for sub in range(SUB):
+            rm = m0 + sub * BLOCK_M + tl.arange(0, BLOCK_M)
+            _rot1_store(x_ptr, smooth_ptr, r1, dest_ptr, vt_ptr, ba, rm, b < NA, M, stride_xm, M_PAD,
+                        N1, HAS_SMOOTH, HAS_R1, HAS_DEST, PRECISE)
+            if b == 0:
+                tl.store(rowmin_ptr + rm, tl.full([BLOCK_M], float("inf"), tl.float32))
+                tl.store(rowmax_ptr + rm, tl.full([BLOCK_M], float("-inf"), tl.float32))
+    if STAGE == 0:
+        _arrive_and_wait(group_counter, P)
+    bb = tl.minimum(b, NB - 1)
+    rr = tl.arange(0, N2)
+    if HAS_R2 and KC == N2:
+        r2 = tl.load(rot2t_ptr + rr[:, None] * N2 + rr[None, :])
+    else:
+        r2 = 0.0
+    if HAS_MAP:
+        oc = tl.load(ocol_ptr + bb * N2 + rr)
+        valid = oc >= 0
+    else:
+        oc = bb * N2 + rr
+        valid = rr >= 0
+    if STAGE == 0 or STAGE == 2:
+        for sub in range(SUB):
+            rm = m0 + sub * BLOCK_M + tl.arange(0, BLOCK_M)
+            y = _rot2_tile(vt_ptr, rot2t_ptr, r2, srow_ptr, bb, rm, M_PAD, N2, KC, BLOCK_M, HAS_R2, HAS_MAP, PRECISE)
+            y = y * post_scale
+            lo = tl.min(tl.where(valid[:, None], y, float("inf")), axis=0)
+            hi = tl.max(tl.where(valid[:, None], y, float("-inf")), axis=0)
+            b_ok = tl.full([BLOCK_M], 1, tl.int1) & (b < NB)
+            tl.atomic_min(rowmin_ptr + rm, lo, mask=b_ok, sem="relaxed")
+            tl.atomic_max(rowmax_ptr + rm, hi, mask=b_ok, sem="relaxed")
+    if STAGE == 0:
+        _arrive_and_wait(group_counter, 2 * P)
+    if STAGE == 0 or STAGE == 3:
+        for sub in range(SUB):
+            rm = m0 + sub * BLOCK_M + tl.arange(0, BLOCK_M)
+            y = _rot2_tile(vt_ptr, rot2t_ptr, r2, srow_ptr, bb, rm, M_PAD, N2, KC, BLOCK_M, HAS_R2, HAS_MAP, PRECISE)
+            y = y * post_scale
+            row_min = tl.load(rowmin_ptr + rm, cache_modifier=".cg")
+            row_max = tl.load(rowmax_ptr + rm, cache_modifier=".cg")
+            scale, zero = asym_qparams(row_min, row_max, clip, qmax)
+            m_ok = rm < M
+            if b == 0:
+                tl.store(scale_ptr + rm, scale, mask=m_ok)
+            # centered_codes works on rows; here tokens are columns: transpose the tile once.
+            a = centered_codes(tl.trans(y), scale, zero, qmax)  # [BLOCK_M, N2]
+            ok = m_ok[:, None] & valid[None, :] & (b < NB)
+            tl.store(out_ptr + rm.to(tl.int64)[:, None] * stride_om + oc[None, :], a.to(out_ptr.dtype.element_ty),
+                     mask=ok)
+    if STAGE == 0:
+        if tl.atomic_add(group_counter, 1) == 3 * P - 1:  # the group's last program: nobody waits any more
+            tl.atomic_xchg(group_counter, 0)
+        if tl.atomic_add(sync_ptr + 1, 1) == tl.num_programs(0) - 1:  # every ticket has been taken
+            tl.atomic_xchg(sync_ptr, 0)
+            tl.atomic_xchg(sync_ptr + 1, 0)
 
 
 _BUF: dict[tuple, torch.Tensor] = {}
@@ -177,53 +239,94 @@ def _buffer(name: str, numel: int, dtype: torch.dtype, device: torch.device) -> 
     return buf[:numel]
 
 
+def _sync_counters(tiles: int, device: torch.device) -> torch.Tensor:
+    """Zeroed int32 [2 + tiles] (ticket, done, one counter per token group) for the one-launch
+    path; every launch leaves it zeroed again, so it is allocated only when it must grow."""
+    key = ("sync", torch.int32, device)
+    buf = _BUF.get(key)
+    if buf is None or buf.numel() < 2 + tiles:
+        buf = torch.zeros(2 + max(tiles, 64), dtype=torch.int32, device=device)
+        _BUF[key] = buf
+    return buf
+
+
 def default_block_m(m: int) -> int:
     return 16 if m <= 16 else (32 if m <= 256 else 64)
+
+
+# Token tiles per program (the rotation is read once per program). Measured on the H100
+# at M = 2048 (results/kernels/NOTES.md, v3): 1 is fastest (53 µs at K = 4096; 2/4/8:
+# 65/60/91 µs), so the L2 re-reads of R̂ were not the limit; the option stays for tuning.
+DEFAULT_SUB_TILES = 1
+
+
+# Largest M that takes the one-launch form by default. H100 (scripts/transform_timing.py,
+# results/kernels/NOTES.md): the one-launch form costs more GPU time (71 vs 54 µs at
+# M = 2048, K = 4096; about equal at M = 8192) but ~50 µs less host time per call (two
+# Triton launches fewer), and a prefill of one 2048-token sequence is host-bound.
+FUSED_MAX_M = 8192
+
+
+def fused_default(x: torch.Tensor, m: int) -> bool:
+    """One launch up to FUSED_MAX_M tokens on a GPU, three launches above (less GPU time
+    when the GPU, not the host, is the limit). The interpreter (serial programs) always
+    needs three. DUQUANT_FUSED_TRANSFORM=0/1 forces one choice."""
+    forced = os.environ.get("DUQUANT_FUSED_TRANSFORM")
+    if not x.is_cuda or _INTERPRET.value:
+        return False
+    return forced == "1" if forced in ("0", "1") else m <= FUSED_MAX_M
 
 
 def two_stage_quantize(x: torch.Tensor, n1: int, rot1: torch.Tensor | None, dest: torch.Tensor | None,
                        n2: int, rot2t: torch.Tensor | None, srow: torch.Tensor | None, ocol: torch.Tensor | None,
                        smooth: torch.Tensor | None, post_scale: float, bits: int, clip: float,
                        out_dtype: torch.dtype, precise: bool, block_m: int | None = None,
-                       warps: tuple[int, int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """The three launches. x [M, K]; rot1 [n1, n1]; dest int32 [K] (scratch row of input
-    channel c, None = identity); rot2t [n2, n2] = R̂₂ᵀ; srow/ocol int32 [NB·n2] (scratch row
-    read and output column written by row r of output block b; −1 = padding; None =
-    identity with NB·n2 = K). Returns (a [M, K] out_dtype, scale float32 [M])."""
+                       warps: int | None = None, fused: bool | None = None,
+                       sub_tiles: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Block rotation → shuffle → block rotation → per-token quantization.
+
+    x [M, K]; rot1 [n1, n1]; dest int32 [K] (scratch row of input channel c, None =
+    identity); rot2t [n2, n2] = R̂₂ᵀ; srow/ocol int32 [NB·n2] (scratch row read and output
+    column written by row r of output block b; −1 = padding; None = identity with
+    NB·n2 = K). fused: one launch or three (default: `fused_default`). Returns
+    (a [M, K] out_dtype, scale float32 [M])."""
     k = x.shape[-1]
     x2 = x.reshape(-1, k)
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
     m = x2.shape[0]
-    bm = block_m or default_block_m(m)
-    m_pad = triton.cdiv(max(m, 1), bm) * bm
-    nb = (srow.numel() if srow is not None else k) // n2
-    vt = _buffer("vt", k * m_pad, torch.float32 if precise else torch.bfloat16, x.device).view(k, m_pad)
-    stats = _buffer("stats", 2 * nb * m_pad, torch.float32, x.device)
     out = torch.empty((m, k), dtype=out_dtype, device=x.device)
     scale = torch.empty((m,), dtype=torch.float32, device=x.device)
     if m == 0:
         return out, scale
+    na = k // n1
+    nb = (srow.numel() if srow is not None else k) // n2
+    programs = max(na, nb)
+    bm = block_m or default_block_m(m)
+    sub = sub_tiles or DEFAULT_SUB_TILES
+    group = bm * sub
+    m_pad = triton.cdiv(m, group) * group
+    groups = m_pad // group
+    vt = _buffer("vt", k * m_pad, torch.float32 if precise else torch.bfloat16, x.device).view(k, m_pad)
+    row_range = _buffer("row_range", 2 * m_pad, torch.float32, x.device)
+    # precise (fp32 vT, 3×TF32) in one launch can exceed shared memory (K = 11008)
+    fused = (fused_default(x, m) and not precise) if fused is None else fused
     dummy = scale
-    w1, w2 = warps or (4, 4)
-    grid_m = m_pad // bm
-    rot1_scatter_kernel[(grid_m, k // n1)](
-        x2, smooth if smooth is not None else dummy, rot1 if rot1 is not None else dummy,
-        dest if dest is not None else dummy, vt, m, x2.stride(0), m_pad,
-        N1=n1, BLOCK_M=bm, HAS_SMOOTH=smooth is not None, HAS_R1=rot1 is not None, HAS_DEST=dest is not None,
-        PRECISE=precise, num_warps=w1,
-    )
     has_map = srow is not None
-    common = dict(N2=n2, KC=n2 if n2 <= 128 else 64, BLOCK_M=bm, HAS_R2=rot2t is not None, HAS_MAP=has_map,
-                  PRECISE=precise, num_warps=w2)
-    r2 = rot2t if rot2t is not None else dummy
-    sr = srow if has_map else dummy
-    oc = ocol if has_map else dummy
-    rot2_stats_kernel[(grid_m, nb)](vt, r2, sr, oc, stats, m_pad, float(post_scale), **common)
-    rot2_quant_kernel[(grid_m, nb)](
-        vt, r2, sr, oc, stats, out, scale, m, m_pad, nb, out.stride(0), float(post_scale), float(clip),
-        float((1 << bits) - 1), NB_PAD=max(2, triton.next_power_of_2(nb)), **common,
-    )
+    args = (x2, smooth if smooth is not None else dummy, rot1 if rot1 is not None else dummy,
+            dest if dest is not None else dummy, vt, rot2t if rot2t is not None else dummy,
+            srow if has_map else dummy, ocol if has_map else dummy, row_range[:m_pad], row_range[m_pad:], out, scale,
+            _sync_counters(groups, x.device) if fused else dummy,
+            m, x2.stride(0), m_pad, na, nb, programs, out.stride(0), float(post_scale), float(clip),
+            float((1 << bits) - 1))
+    meta = dict(N1=n1, N2=n2, KC=n2 if n2 <= 128 else 64, BLOCK_M=bm, SUB=sub,
+                HAS_SMOOTH=smooth is not None, HAS_R1=rot1 is not None, HAS_DEST=dest is not None,
+                HAS_R2=rot2t is not None, HAS_MAP=has_map, PRECISE=precise, num_warps=warps or 4)
+    if fused:
+        transform_quant_kernel[(groups * programs,)](*args, STAGE=0, **meta)
+    else:
+        for stage in (1, 2, 3):
+            transform_quant_kernel[(programs, groups)](*args, STAGE=stage, **meta)
     return out, scale
 
 
@@ -254,8 +357,9 @@ def _prepared(rot1, perm, rot2, smooth, precise):
 
 def duquant_quantize(x: torch.Tensor, rot1: torch.Tensor | None, perm: torch.Tensor | None,
                      rot2: torch.Tensor | None, smooth: torch.Tensor | None, bits: int = 4, clip: float = 0.9,
-                     out_dtype: torch.dtype = torch.int8, precise: bool = False,
-                     block_m: int | None = None, warps: tuple[int, int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                     out_dtype: torch.dtype = torch.int8, precise: bool = False, block_m: int | None = None,
+                     warps: int | None = None, fused: bool | None = None,
+                     sub_tiles: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """DuQuant transform + quantize. x [..., K] -> (a [M, K] out_dtype, scale float32 [M])."""
     k = x.shape[-1]
     rots = [r for r in (rot1, rot2) if r is not None]
@@ -264,4 +368,4 @@ def duquant_quantize(x: torch.Tensor, rot1: torch.Tensor | None, perm: torch.Ten
         raise ValueError(f"rotation blocks {[tuple(r.shape) for r in rots]} do not tile K={k} (n ≥ 16)")
     r1, r2t, dest, sm = _prepared(rot1, perm, rot2, smooth, precise)
     return two_stage_quantize(x, n, r1, dest, n, r2t, None, None, sm, 1.0, bits, clip, out_dtype, precise,
-                              block_m, warps)
+                              block_m, warps, fused, sub_tiles)

@@ -71,6 +71,9 @@ class RealQuantLinear(nn.Module):
         self.hadamard = bool(t is not None and t.hadamard)
         self._transform = t  # for the rare DuQuant + Hadamard combination (factors then Hadamard)
         self.prefill_weight = prefill_weight
+        # The simulated layer this one was built from, unregistered (no second copy in
+        # state_dict or .to()): `to_simulated_backend` puts it back, e.g. before saving.
+        self.__dict__["source"] = layer
         self._w8: torch.Tensor | None = None
         self._had: tuple[torch.device, torch.Tensor | None] | None = None
 
@@ -124,18 +127,28 @@ class RealQuantLinear(nn.Module):
                 f"transform={'+'.join(stages) or 'none'}, bias={self.bias is not None}")
 
 
+def _swap(model: nn.Module, kind: type, make) -> list[str]:
+    names = []
+    for parent_name, parent in list(model.named_modules()):
+        for child_name, child in list(parent.named_children()):
+            if isinstance(child, kind):
+                replacement = make(child)
+                if replacement is not None:
+                    setattr(parent, child_name, replacement)
+                    names.append(f"{parent_name}.{child_name}" if parent_name else child_name)
+    return names
+
+
+def to_simulated_backend(model: nn.Module) -> list[str]:
+    """Undo `to_real_backend` in place (each RealQuantLinear back to its QuantLinear, with
+    the buffers they share). Call it before `model.to(...)` moves the real layers: a move
+    gives them new tensors and the simulated layers keep the old ones."""
+    return _swap(model, RealQuantLinear, lambda layer: layer.source)
+
+
 def to_real_backend(model: nn.Module, prefill_weight: str | None = None) -> dict[str, list[str]]:
     """Swap every `QuantLinear` of `model` that the kernels cover for a `RealQuantLinear`
     (in place). Returns {"real": [names], "simulated": [names kept simulated]}."""
-    swapped: dict[str, list[str]] = {"real": [], "simulated": []}
-    for parent_name, parent in list(model.named_modules()):
-        for child_name, child in list(parent.named_children()):
-            if not isinstance(child, QuantLinear):
-                continue
-            name = f"{parent_name}.{child_name}" if parent_name else child_name
-            if supports_real(child):
-                setattr(parent, child_name, RealQuantLinear(child, prefill_weight))
-                swapped["real"].append(name)
-            else:
-                swapped["simulated"].append(name)
-    return swapped
+    real = _swap(model, QuantLinear, lambda layer: RealQuantLinear(layer, prefill_weight) if supports_real(layer) else None)
+    simulated = [name for name, m in model.named_modules() if isinstance(m, QuantLinear)]
+    return {"real": real, "simulated": simulated}

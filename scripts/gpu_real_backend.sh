@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Real W4A4 backend against the simulated one on SmolLM2-135M, on the GPU machine.
+# Here, first: ../shared/tools/split-smollm2.sh. Call 1 carries .carry/smollm2-a (any command);
+# call 2, at once, carries .carry/smollm2-b and runs: OUT=$OUT bash scripts/gpu_real_backend.sh
+# Quantizes DuQuant W4A4 (C4 128×2048 calibration, seed 0, as results/smollm2), saves it, then
+# evaluates the saved model with --backend simulated and --backend real (all windows), and
+# generates a sample in real mode. Lands in $OUT: quantize.json, eval_{simulated,real}.json, logs.
+set -uo pipefail
+source "$(dirname "$0")/gpu_setup.sh"
+OUT=${OUT:-out}
+mkdir -p "$OUT"
+q=.carry/smollm2-duquant-w4a4
+if [ ! -f "$q/config.json" ]; then
+  python3 -m duquant.cli quantize "$gguf" --method duquant --wbits 4 --abits 4 --calib c4 --nsamples 128 \
+    --seqlen 2048 --out "$q" --overwrite --quiet --json "$OUT/quantize.json" 2>&1 | tail -3
+fi
+for backend in simulated real; do
+  python3 -m duquant.cli eval "$q" --ppl wikitext2,c4 --backend "$backend" --quiet \
+    --json "$OUT/eval_$backend.json" 2>&1 | tail -4
+done
+python3 -m duquant.cli eval "$q" --ppl wikitext2 --backend real --prefill-weight fp8 --quiet \
+  --json "$OUT/eval_real_fp8w.json" 2>&1 | tail -3
+python3 -m duquant.cli generate "$q" --backend real --chat --max-new-tokens 40 \
+  --prompt "What is the capital of France?" 2>&1 | tail -3
+python3 - "$OUT" <<'PY'
+import json, sys
+out = sys.argv[1]
+sim, real = (json.load(open(f"{out}/eval_{b}.json"))["results"] for b in ("simulated", "real"))
+for name in sim:
+    s, r = sim[name]["ppl"], real[name]["ppl"]
+    print(f"{name}: simulated {s:.3f}  real {r:.3f}  diff {100 * (r - s) / s:+.3f}%  "
+          f"(eval s: {sim[name]['seconds']} vs {real[name]['seconds']})")
+PY

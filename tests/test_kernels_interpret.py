@@ -1,0 +1,144 @@
+"""Triton kernels run on CPU by Triton's interpreter, on small odd shapes, against their
+references: the dp4a decode GEMV (duquant.kernels.triton_decode.w4a8_gemv) and the
+three-launch form of the online transform + quantize (duquant.kernels.triton_transform,
+DuQuant and Hadamard). scripts/test.sh runs this file in a second pytest process.
+
+Opt-in (the interpreter must be on before the kernel module is imported):
+
+    TRITON_INTERPRET=1 python -m pytest tests/test_kernels_interpret.py
+
+(not DUQUANT_TRITON_INTERPRET=1 for the whole session: that would send the CPU-fallback
+tests of test_kernels_reference.py to the kernels too; the ops test here sets it itself.)
+
+The interpreter runs the kernel's own index, mask, split-K and epilogue logic (program by
+program, so the atomics are trivially ordered) with the inline PTX (dp4a, prmt) replaced by
+the same arithmetic on shifts; the PTX itself and the memory ordering are covered by
+tests/test_kernels_gpu.py on a GPU. The interpreter rounds float32 -> bf16 by truncation,
+so exactness is checked on float32 outputs.
+"""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
+                                reason="set TRITON_INTERPRET=1 (Triton's CPU interpreter) to run")
+triton = pytest.importorskip("triton")
+
+from duquant.kernels import reference as ref  # noqa: E402
+from duquant.kernels.weight import quantize_weight  # noqa: E402
+
+
+def _case(m: int, n: int, k: int, seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    pw = quantize_weight(torch.randn(n, k, generator=gen))
+    a = torch.randint(-15, 16, (m, k), generator=gen, dtype=torch.int8)
+    s_x = torch.rand(m, generator=gen) + 0.05
+    bias = torch.randn(n, generator=gen).to(torch.bfloat16)
+    return pw, a, s_x, bias
+
+
+def _rel(y: torch.Tensor, yr: torch.Tensor) -> float:
+    return float((y.float() - yr.float()).norm() / yr.float().norm())
+
+
+def _workspace_clean() -> bool:
+    from duquant.kernels import triton_decode as dec
+    return all(not bool(ws.any()) and not bool(cnt.any()) for ws, cnt in dec._GEMV_WS.values())
+
+
+# (M, N, K, tune): every token-tile size (BLOCK_M 1..16, padded M), N not a multiple of
+# BLOCK_N, K with a masked last tile, K % 32 != 0 (rows not 16-byte aligned: narrow loads),
+# several tiles per split, one split (direct store), many splits of one tile.
+CASES = [
+    (1, 40, 64, dict(block_n=16, block_k=32)),
+    (2, 24, 136, dict(block_n=16, block_k=64)),
+    (3, 72, 576, dict(block_n=16, block_k=128, waves=8)),
+    (4, 33, 96, dict(block_n=32, block_k=32, waves=1)),
+    (5, 40, 256, dict(block_n=16, block_k=64, waves=0)),
+    (8, 48, 1536, dict(block_n=32, block_k=256, num_warps=8)),
+    (16, 17, 200, dict(block_n=16, block_k=64)),
+    (7, 64, 576, {}),
+]
+
+
+@pytest.mark.parametrize("m,n,k,tune", CASES)
+def test_gemv_matches_reference(m: int, n: int, k: int, tune: dict) -> None:
+    from duquant.kernels.triton_decode import gemv_config, w4a8_gemv
+    pw, a, s_x, bias = _case(m, n, k)
+    cfg = gemv_config(m, n, k, 4, **tune)  # the interpreter "device" has 4 SMs
+    assert (cfg["split_k"] - 1) * cfg["tiles_per_split"] < triton.cdiv(k, cfg["BLOCK_K"])  # no empty split
+    for b in (None, bias):
+        y = w4a8_gemv(a, s_x, pw.packed, pw.scale, pw.zero, b, out_dtype=torch.float32, **tune)
+        assert _rel(y, ref.w4a4_linear_ref(a, s_x, pw, b, out_dtype=torch.float32)) < 1e-6
+    a_fp8 = a.to(torch.float32).to(torch.float8_e4m3fn)
+    y = w4a8_gemv(a_fp8, s_x, pw.packed, pw.scale, pw.zero, bias, out_dtype=torch.float32, **tune)
+    assert _rel(y, ref.w4a4_linear_ref(a, s_x, pw, bias, out_dtype=torch.float32)) < 1e-6
+    y = w4a8_gemv(a, s_x, pw.packed, pw.scale, pw.zero, bias, **tune)  # bf16 (truncated by the interpreter)
+    assert y.dtype == torch.bfloat16 and _rel(y, ref.w4a4_linear_ref(a, s_x, pw, bias)) < 1e-2
+    assert _workspace_clean()
+
+
+def test_gemv_strided_activations() -> None:
+    """Activation rows inside a bigger buffer: 4-byte aligned (used in place, narrow loads)
+    and unaligned (copied first)."""
+    from duquant.kernels.triton_decode import w4a8_gemv
+    m, n, k = 3, 24, 128
+    pw, a, s_x, bias = _case(m, n, k, seed=1)
+    yr = ref.w4a4_linear_ref(a, s_x, pw, bias, out_dtype=torch.float32)
+    for pad in (4, 3):
+        big = torch.zeros(m + 1, k + pad, dtype=torch.int8)
+        big[1:, pad:] = a
+        y = w4a8_gemv(big[1:, pad:], s_x, pw.packed, pw.scale, pw.zero, bias, out_dtype=torch.float32,
+                      block_n=16, block_k=32)
+        assert _rel(y, yr) < 1e-6
+
+
+def test_ops_dispatches_small_m_to_gemv(monkeypatch: pytest.MonkeyPatch) -> None:
+    from duquant.kernels import ops
+    from duquant.kernels import triton_decode as dec
+    monkeypatch.setenv("DUQUANT_TRITON_INTERPRET", "1")
+    calls = []
+    real = dec.w4a8_gemv
+    monkeypatch.setattr(dec, "w4a8_gemv", lambda *args, **kw: calls.append(args[0].shape) or real(*args, **kw))
+    pw, a, s_x, bias = _case(3, 40, 192, seed=2)
+    y = ops.w4a4_linear(a.reshape(1, 3, 192), s_x.reshape(1, 3), pw, bias, out_dtype=torch.float32)
+    assert calls == [(3, 192)] and y.shape == (1, 3, 40)
+    assert _rel(y.reshape(3, 40), ref.w4a4_linear_ref(a, s_x, pw, bias, out_dtype=torch.float32)) < 1e-6
+
+
+def _orthogonal(n: int, gen: torch.Generator) -> torch.Tensor:
+    q, _ = torch.linalg.qr(torch.randn(n, n, generator=gen, dtype=torch.float64))
+    return q.float()
+
+
+@pytest.mark.parametrize("m, k, n, sub", [(1, 256, 64, 1), (7, 192, 64, 1), (33, 256, 128, 1), (70, 256, 64, 2)])
+def test_transform_three_launch_matches_reference(m: int, k: int, n: int, sub: int) -> None:
+    """Precise mode (float32 scratch, 3×TF32 products; exact float32 in the interpreter) gives
+    the reference codes; fast mode (bf16 operands) flips a few codes by one step."""
+    from duquant.kernels.triton_transform import duquant_quantize
+    gen = torch.Generator().manual_seed(m + k)
+    x = torch.randn(m, k, generator=gen).to(torch.bfloat16)
+    x[:, 3] *= 20  # an outlier channel
+    rot1, rot2, perm = _orthogonal(n, gen), _orthogonal(n, gen), torch.randperm(k, generator=gen)
+    smooth = torch.rand(k, generator=gen) + 0.5
+    ar, sr = ref.transform_quantize_ref(x, rot1, perm, rot2, smooth, 4, 0.9)
+    a, s = duquant_quantize(x, rot1, perm, rot2, smooth, 4, 0.9, torch.int8, True, block_m=16, sub_tiles=sub)
+    assert torch.equal(a, ar) and float(((s - sr).abs() / sr).max()) < 1e-5
+    a, s = duquant_quantize(x, rot1, perm, rot2, smooth, 4, 0.9, torch.int8, False, sub_tiles=sub)
+    diff = (a.to(torch.int16) - ar.to(torch.int16)).abs()
+    assert int(diff.max()) <= 1 and float((diff > 0).float().mean()) < 3e-2
+    assert float(((s - sr).abs() / sr).max()) < 2e-2
+
+
+@pytest.mark.parametrize("m, k, had", [(3, 192, 12), (5, 256, 1)])
+def test_hadamard_three_launch_matches_reference(m: int, k: int, had: int) -> None:
+    from duquant.kernels.triton_hadamard import hadamard_quantize
+    from duquant.transforms.hadamard import _base_matrix
+    had_m = None if had == 1 else _base_matrix(had).float()
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(k)).to(torch.bfloat16)
+    a, s = hadamard_quantize(x, had_m, 4, 0.9, torch.int8, True)
+    ar, sr = ref.hadamard_quantize_ref(x, had_m, 4, 0.9)
+    assert torch.equal(a, ar) and float(((s - sr).abs() / sr).max()) < 1e-5
