@@ -45,18 +45,24 @@ def _check_codes(a: torch.Tensor, s: torch.Tensor, ar: torch.Tensor, sr: torch.T
 
 @pytest.mark.parametrize("k", KS)
 @pytest.mark.parametrize("m", MS)
-@pytest.mark.parametrize("mode", ["one-launch", "three-launch", "precise"])
+@pytest.mark.parametrize("mode", ["one-launch", "three-launch", "precise", "rows", "rows-precise"])
 def test_duquant_transform_quantize(m: int, k: int, mode: str) -> None:
     from duquant.kernels import reference as ref
     from duquant.kernels.triton_transform import duquant_quantize
     n = _block(k)
-    precise = mode == "precise"
+    precise = mode.endswith("precise")
     x = torch.randn(m, k, device="cuda").to(torch.bfloat16)
     x[:, torch.randint(0, k, (4,))] *= 20  # outlier channels, as in real activations
     rot1, rot2 = _orthogonal(n), _orthogonal(n)
     perm = torch.randperm(k, device="cuda")
     smooth = torch.rand(k, device="cuda") + 0.5
     _poison_allocator()
+    if mode.startswith("rows"):
+        from duquant.kernels.triton_row_transform import duquant_quantize_rows
+        a, s = duquant_quantize_rows(x, rot1, perm, rot2, smooth, 4, 0.9, torch.int8, precise)
+        torch.cuda.synchronize()
+        _check_codes(a, s, *ref.transform_quantize_ref(x, rot1, perm, rot2, smooth, 4, 0.9), precise)
+        return
     fused = {"one-launch": True, "three-launch": False, "precise": None}[mode]
     a, s = duquant_quantize(x, rot1, perm, rot2, smooth, 4, 0.9, torch.int8, precise, fused=fused)
     torch.cuda.synchronize()

@@ -1,7 +1,7 @@
 """Triton kernels run on CPU by Triton's interpreter, on small odd shapes, against their
 references: the dp4a decode GEMV (duquant.kernels.triton_decode.w4a8_gemv) and the
 three-launch form of the online transform + quantize (duquant.kernels.triton_transform,
-DuQuant and Hadamard). scripts/test.sh runs this file in a second pytest process.
+DuQuant and Hadamard) and the whole-row transform kernel (triton_row_transform). scripts/test.sh runs this file in a second pytest process.
 
 Opt-in (the interpreter must be on before the kernel module is imported):
 
@@ -142,3 +142,24 @@ def test_hadamard_three_launch_matches_reference(m: int, k: int, had: int) -> No
     a, s = hadamard_quantize(x, had_m, 4, 0.9, torch.int8, True)
     ar, sr = ref.hadamard_quantize_ref(x, had_m, 4, 0.9)
     assert torch.equal(a, ar) and float(((s - sr).abs() / sr).max()) < 1e-5
+
+
+@pytest.mark.parametrize("m, k, n", [(1, 256, 64), (7, 192, 64), (33, 256, 128), (5, 1536, 128), (3, 576, 64)])
+@pytest.mark.parametrize("stages", ["all", "rotations only", "perm and smooth only"])
+def test_row_transform_matches_reference(m: int, k: int, n: int, stages: str) -> None:
+    """Whole rows per program, blocks padded to a power of two (192/64 = 3, 1536/128 = 12,
+    576/64 = 9 blocks), several tokens per program: precise mode gives the reference codes."""
+    from duquant.kernels.triton_row_transform import duquant_quantize_rows
+    gen = torch.Generator().manual_seed(m * k)
+    x = torch.randn(m, k, generator=gen).to(torch.bfloat16)
+    x[:, 3] *= 20
+    r1, r2, perm = _orthogonal(n, gen), _orthogonal(n, gen), torch.randperm(k, generator=gen)
+    smooth = torch.rand(k, generator=gen) + 0.5
+    args = {"all": (r1, perm, r2, smooth), "rotations only": (r1, None, r2, None),
+            "perm and smooth only": (None, perm, None, smooth)}[stages]
+    ar, sr = ref.transform_quantize_ref(x, *args, 4, 0.9)
+    a, s = duquant_quantize_rows(x, *args, 4, 0.9, torch.int8, True)
+    assert torch.equal(a, ar) and float(((s - sr).abs() / sr).max()) < 1e-5
+    a, s = duquant_quantize_rows(x, *args, 4, 0.9, torch.int8, False)
+    diff = (a.to(torch.int16) - ar.to(torch.int16)).abs()
+    assert int(diff.max()) <= 1 and float((diff > 0).float().mean()) < 3e-2

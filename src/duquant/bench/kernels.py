@@ -84,6 +84,7 @@ def measure_ceilings(device: str = "cuda") -> dict[str, float]:
 def _bench_prefill(m: int, n: int, k: int, device: str) -> dict[str, float]:
     from duquant.kernels.triton_gemm import expand_w4, fp8_gemm, int8_gemm
     from duquant.kernels.triton_hadamard import hadamard_quantize
+    from duquant.kernels.triton_row_transform import duquant_quantize_rows
     from duquant.kernels.triton_transform import duquant_quantize
     from duquant.kernels.weight import quantize_weight
     blk = 128 if k % 128 == 0 else 64
@@ -109,6 +110,9 @@ def _bench_prefill(m: int, n: int, k: int, device: str) -> dict[str, float]:
             x, r1, perm, r2, smooth, out_dtype=torch.float8_e4m3fn, fused=False)] * 4)
         r["transform_3launch"] = _bench(lambda: duquant_quantize(x, r1, perm, r2, smooth, out_dtype=torch.float8_e4m3fn,
                                                                  fused=False))
+    r["transform_rows_graph"] = _graph_bench([lambda: duquant_quantize_rows(
+        x, r1, perm, r2, smooth, out_dtype=torch.float8_e4m3fn)] * 4)
+    r["transform_rows"] = _bench(lambda: duquant_quantize_rows(x, r1, perm, r2, smooth, out_dtype=torch.float8_e4m3fn))
     r["transform_int8"] = _bench(lambda: duquant_quantize(x, r1, perm, r2, smooth, out_dtype=torch.int8))
     r["transform_fp8"] = _bench(lambda: duquant_quantize(x, r1, perm, r2, smooth, out_dtype=torch.float8_e4m3fn))
     r["transform_noperm"] = _bench(lambda: duquant_quantize(x, r1, None, r2, smooth, out_dtype=torch.float8_e4m3fn))
@@ -176,6 +180,7 @@ def _sweep(r: dict, prefix: str, kernel, sweep, a, s, pws, fits=None) -> tuple[f
 def _bench_decode(m: int, n: int, k: int, device: str) -> dict[str, float]:
     from duquant.kernels.triton_decode import GEMV_MAX_M, w4a8_decode, w4a8_gemv
     from duquant.kernels.triton_hadamard import hadamard_quantize
+    from duquant.kernels.triton_row_transform import duquant_quantize_rows
     from duquant.kernels.triton_transform import duquant_quantize
     from duquant.kernels.weight import quantize_weight
     blk = 128 if k % 128 == 0 else 64
@@ -192,6 +197,7 @@ def _bench_decode(m: int, n: int, k: int, device: str) -> dict[str, float]:
     r = {}
     r["bf16"] = _graph_bench([lambda w=w: x @ w.T for w in ws])
     r["transform_int8"] = _graph_bench([lambda: duquant_quantize(x, rot1, perm, rot2, smooth)] * 8)
+    r["transform_rows_int8"] = _graph_bench([lambda: duquant_quantize_rows(x, rot1, perm, rot2, smooth)] * 8)
     best, best_cfg = _sweep(r, "decode", w4a8_decode, DECODE_SWEEP, a, s, pws)
     r["gemm_decode_default"] = _graph_bench([lambda p=p: w4a8_decode(a, s, p.packed, p.scale, p.zero) for p in pws])
     if r["gemm_decode_default"] <= best:

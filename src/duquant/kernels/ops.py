@@ -28,6 +28,11 @@ DECODE_GEMV_MAX_M = 16
 # triton_transform) replaced it. DUQUANT_HADAMARD_KERNEL=0 sends hadamard_quantize to the
 # reference on every device.
 HADAMARD_KERNEL_VERIFIED = os.environ.get("DUQUANT_HADAMARD_KERNEL", "1") == "1"
+# Kernel of the DuQuant transform: "tiles" (triton_transform: (token tile × block) programs,
+# one or three launches; measured on the H100) or "rows" (triton_row_transform: whole rows
+# per program, the blocks as the MMA's M dimension; parity-checked on CPU with Triton's
+# interpreter, not yet timed on a GPU). DUQUANT_TRANSFORM_KERNEL=rows selects the second.
+TRANSFORM_KERNEL = os.environ.get("DUQUANT_TRANSFORM_KERNEL", "tiles")
 # Carrier of the prefill GEMM: "fp8" (cuBLAS _scaled_mm) or "int8" (Triton). Chosen from
 # results/kernels (the faster one on H100 at LLaMA-2-7B shapes).
 PREFILL_CARRIER = "fp8"
@@ -74,8 +79,11 @@ def transform_quantize(x: torch.Tensor, rot1: torch.Tensor | None = None, perm: 
     m = x.numel() // x.shape[-1]
     out_dtype = out_dtype or act_dtype(m)
     if use_triton(x):
-        from duquant.kernels.triton_transform import duquant_quantize
-        a, s = duquant_quantize(x, rot1, perm, rot2, smooth, bits, clip, out_dtype, precise)
+        if TRANSFORM_KERNEL == "rows":
+            from duquant.kernels.triton_row_transform import duquant_quantize_rows as kernel
+        else:
+            from duquant.kernels.triton_transform import duquant_quantize as kernel
+        a, s = kernel(x, rot1, perm, rot2, smooth, bits, clip, out_dtype, precise)
     else:
         a, s = ref.transform_quantize_ref(x, rot1, perm, rot2, smooth, bits, clip)
         a = a.to(torch.float32).to(out_dtype) if out_dtype != torch.int8 else a

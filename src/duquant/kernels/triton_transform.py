@@ -29,6 +29,7 @@ products as 3×TF32 (≈ fp32).
 from __future__ import annotations
 
 import os
+from typing import NamedTuple
 
 import torch
 import triton
@@ -277,6 +278,26 @@ def fused_default(x: torch.Tensor, m: int) -> bool:
     return forced == "1" if forced in ("0", "1") else m <= FUSED_MAX_M
 
 
+def token_rows_and_outputs(x: torch.Tensor, out_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """x as a row-contiguous [M, K] view, and the empty codes [M, K] and scales [M]."""
+    k = x.shape[-1]
+    x2 = x.reshape(-1, k)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    m = x2.shape[0]
+    return (x2, torch.empty((m, k), dtype=out_dtype, device=x.device),
+            torch.empty((m,), dtype=torch.float32, device=x.device))
+
+
+def rotation_block(k: int, rot1: torch.Tensor | None, rot2: torch.Tensor | None) -> int:
+    """Block size n of a DuQuant transform over K channels (checked: n | K, n ≥ 16)."""
+    rots = [r for r in (rot1, rot2) if r is not None]
+    n = rots[0].shape[0] if rots else min(128, k & -k)
+    if k % n or any(r.shape != (n, n) for r in rots) or n < 16:
+        raise ValueError(f"rotation blocks {[tuple(r.shape) for r in rots]} do not tile K={k} (n ≥ 16)")
+    return n
+
+
 def two_stage_quantize(x: torch.Tensor, n1: int, rot1: torch.Tensor | None, dest: torch.Tensor | None,
                        n2: int, rot2t: torch.Tensor | None, srow: torch.Tensor | None, ocol: torch.Tensor | None,
                        smooth: torch.Tensor | None, post_scale: float, bits: int, clip: float,
@@ -291,12 +312,8 @@ def two_stage_quantize(x: torch.Tensor, n1: int, rot1: torch.Tensor | None, dest
     NB·n2 = K). fused: one launch or three (default: `fused_default`). Returns
     (a [M, K] out_dtype, scale float32 [M])."""
     k = x.shape[-1]
-    x2 = x.reshape(-1, k)
-    if x2.stride(-1) != 1:
-        x2 = x2.contiguous()
+    x2, out, scale = token_rows_and_outputs(x, out_dtype)
     m = x2.shape[0]
-    out = torch.empty((m, k), dtype=out_dtype, device=x.device)
-    scale = torch.empty((m,), dtype=torch.float32, device=x.device)
     if m == 0:
         return out, scale
     na = k // n1
@@ -330,29 +347,42 @@ def two_stage_quantize(x: torch.Tensor, n1: int, rot1: torch.Tensor | None, dest
     return out, scale
 
 
-_PREP: dict[tuple, tuple] = {}
+class Factors(NamedTuple):
+    """Kernel-side copies of one transform's factors (rotations in the operand dtype)."""
+    rot1: torch.Tensor | None
+    rot2: torch.Tensor | None
+    rot2_t: torch.Tensor | None  # R̂₂ᵀ, as the tiles kernel reads it
+    dest: torch.Tensor | None  # int32 inverse permutation: input channel c goes to row dest[c]
+    perm: torch.Tensor | None  # int32 permutation: row j reads input channel perm[j]
+    smooth: torch.Tensor | None
 
 
-def _prepared(rot1, perm, rot2, smooth, precise):
-    """Kernel-side copies of the transform factors, cached by identity (tensors of a model
-    layer live for the model's life; the key holds data_ptr and version)."""
+_PREP: dict[tuple, Factors] = {}
+
+
+def prepared_factors(rot1, perm, rot2, smooth, precise) -> Factors:
+    """`Factors` of a transform, cached by identity (tensors of a model layer live for the
+    model's life; the key holds data_ptr and version)."""
     key = tuple(None if t is None else (t.data_ptr(), t._version, tuple(t.shape), t.dtype) for t in
                 (rot1, perm, rot2, smooth)) + (precise,)
     hit = _PREP.get(key)
     if hit is not None:
         return hit
     rdt = torch.float32 if precise else torch.bfloat16
-    r1 = rot1.to(rdt).contiguous() if rot1 is not None else None
-    r2t = rot2.t().to(rdt).contiguous() if rot2 is not None else None
-    dest = None
+    dest = perm32 = None
     if perm is not None:  # v[:, j] = u[:, perm[j]]: input channel perm[j] goes to scratch row j
-        dest = torch.empty_like(perm, dtype=torch.int32)
+        perm32 = perm.to(torch.int32).contiguous()
+        dest = torch.empty_like(perm32)
         dest[perm] = torch.arange(perm.numel(), device=perm.device, dtype=torch.int32)
-    sm = smooth.to(torch.float32).contiguous() if smooth is not None else None
+    factors = Factors(
+        rot1.to(rdt).contiguous() if rot1 is not None else None,
+        rot2.to(rdt).contiguous() if rot2 is not None else None,
+        rot2.t().to(rdt).contiguous() if rot2 is not None else None,
+        dest, perm32, smooth.to(torch.float32).contiguous() if smooth is not None else None)
     if len(_PREP) > 512:
         _PREP.clear()
-    _PREP[key] = (r1, r2t, dest, sm)
-    return _PREP[key]
+    _PREP[key] = factors
+    return factors
 
 
 def duquant_quantize(x: torch.Tensor, rot1: torch.Tensor | None, perm: torch.Tensor | None,
@@ -361,11 +391,7 @@ def duquant_quantize(x: torch.Tensor, rot1: torch.Tensor | None, perm: torch.Ten
                      warps: int | None = None, fused: bool | None = None,
                      sub_tiles: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """DuQuant transform + quantize. x [..., K] -> (a [M, K] out_dtype, scale float32 [M])."""
-    k = x.shape[-1]
-    rots = [r for r in (rot1, rot2) if r is not None]
-    n = rots[0].shape[0] if rots else min(128, k & -k)
-    if k % n or any(r.shape != (n, n) for r in rots) or n < 16:
-        raise ValueError(f"rotation blocks {[tuple(r.shape) for r in rots]} do not tile K={k} (n ≥ 16)")
-    r1, r2t, dest, sm = _prepared(rot1, perm, rot2, smooth, precise)
-    return two_stage_quantize(x, n, r1, dest, n, r2t, None, None, sm, 1.0, bits, clip, out_dtype, precise,
-                              block_m, warps, fused, sub_tiles)
+    n = rotation_block(x.shape[-1], rot1, rot2)
+    f = prepared_factors(rot1, perm, rot2, smooth, precise)
+    return two_stage_quantize(x, n, f.rot1, f.dest, n, f.rot2_t, None, None, f.smooth, 1.0, bits, clip, out_dtype,
+                              precise, block_m, warps, fused, sub_tiles)

@@ -1,0 +1,106 @@
+"""DuQuant online transform + per-token quantization with each token's row inside one
+program ("rows" kernel, v4; the three-stage `triton_transform` kernel is "tiles").
+
+The permutation mixes all K/n blocks of a row, which is why `triton_transform` needs
+programs that meet at a barrier (or three launches). Here one program owns whole rows
+instead: T tokens, their K/n blocks stacked as the rows of one [T·K/n, n] tile, so that
+each block rotation is a single tensor-core product ([T·K/n, n] × [n, n], the blocks are
+the MMA's M dimension) instead of K/n small dependent ones (v1's latency chain):
+
+    X [T·K/n, n]  = x rows, block b of token t at row t·NB_PAD + b (NB_PAD = K/n → 2^j)
+    U             = (X / smooth) · R̂₁
+    scratch[t, :] = U rows of token t              (its own row: 2·K bytes, stays in L1/L2)
+    V[t·NB_PAD + b, j] = scratch[t, perm[b·n + j]]   (the permutation as a gather, after a
+                                                      CTA barrier: same program, no sync)
+    Y             = V · R̂₂, per-token min/max over the token's rows, codes, store.
+
+One launch, no inter-program barrier, HBM traffic = x + codes (+ the scratch row, which
+the program reads back at once). Padded block rows (K/n not a power of two) are masked.
+T tokens per program keep the tile at ~128 rows (T = 1 at K = 11008, 4 at K = 4096).
+Numerics are those of the tiles kernel (fast: bf16 operands, the rotated row stored as
+bf16; precise: fp32 scratch, 3×TF32 products).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from duquant.kernels.triton_quant import asym_qparams, centered_codes
+from duquant.kernels.triton_transform import (_buffer, _dot, prepared_factors, rotation_block,
+                                               token_rows_and_outputs)
+
+
+@triton.jit
+def row_transform_quant_kernel(
+    x_ptr, smooth_ptr, rot1_ptr, perm_ptr, rot2_ptr, scratch_ptr, out_ptr, scale_ptr,
+    M, K, NB, stride_xm, stride_om, clip, qmax,
+    N: tl.constexpr, NB_PAD: tl.constexpr, T: tl.constexpr, HAS_SMOOTH: tl.constexpr, HAS_R1: tl.constexpr,
+    HAS_PERM: tl.constexpr, HAS_R2: tl.constexpr, PRECISE: tl.constexpr,
+):
+    R: tl.constexpr = T * NB_PAD
+    pid = tl.program_id(0)
+    r = tl.arange(0, R)
+    tok = pid * T + r // NB_PAD  # token of each tile row
+    blk = r % NB_PAD  # its block
+    c = tl.arange(0, N)
+    col = blk[:, None] * N + c[None, :]  # channel of each element [R, N]
+    ok = ((tok < M) & (blk < NB))[:, None]
+    h = tl.load(x_ptr + tok.to(tl.int64)[:, None] * stride_xm + col, mask=ok, other=0.0).to(tl.float32)
+    if HAS_SMOOTH:
+        h = tl.math.div_rn(h, tl.load(smooth_ptr + col, mask=ok, other=1.0))
+    rr = tl.arange(0, N)
+    if HAS_R1:
+        h = _dot(h, tl.load(rot1_ptr + rr[:, None] * N + rr[None, :]), PRECISE)
+    if HAS_PERM:
+        row = scratch_ptr + tok.to(tl.int64)[:, None] * K
+        tl.store(row + col, h.to(scratch_ptr.dtype.element_ty), mask=ok)
+        tl.debug_barrier()  # the whole row is written before any thread gathers from it
+        src = tl.load(perm_ptr + col, mask=ok, other=0)
+        h = tl.load(row + src, mask=ok, other=0.0).to(tl.float32)
+    if HAS_R2:
+        h = _dot(h, tl.load(rot2_ptr + rr[:, None] * N + rr[None, :]), PRECISE)
+    # per-token range: min/max of each tile row, then over the NB_PAD rows of a token
+    lo = tl.min(tl.reshape(tl.min(tl.where(ok, h, float("inf")), axis=1), [T, NB_PAD]), axis=1)
+    hi = tl.max(tl.reshape(tl.max(tl.where(ok, h, float("-inf")), axis=1), [T, NB_PAD]), axis=1)
+    scale, zero = asym_qparams(lo, hi, clip, qmax)  # [T]
+    ts = pid * T + tl.arange(0, T)
+    tl.store(scale_ptr + ts, scale, mask=ts < M)
+    scale_rows = tl.reshape(tl.broadcast_to(scale[:, None], [T, NB_PAD]), [R])
+    zero_rows = tl.reshape(tl.broadcast_to(zero[:, None], [T, NB_PAD]), [R])
+    a = centered_codes(h, scale_rows, zero_rows, qmax)
+    tl.store(out_ptr + tok.to(tl.int64)[:, None] * stride_om + col, a.to(out_ptr.dtype.element_ty), mask=ok)
+
+
+def row_tile(k: int, n: int) -> tuple[int, int, int]:
+    """(NB_PAD, T, warps): block rows padded to a power of two, tokens per program so that
+    the tile has ~128 rows, 8 warps above 8192 elements (≤ 64 fp32 registers per thread)."""
+    nb_pad = triton.next_power_of_2(k // n)
+    t = max(1, 128 // nb_pad)
+    return nb_pad, t, 8 if t * nb_pad * n > 8192 else 4
+
+
+def duquant_quantize_rows(x: torch.Tensor, rot1: torch.Tensor | None, perm: torch.Tensor | None,
+                          rot2: torch.Tensor | None, smooth: torch.Tensor | None, bits: int = 4, clip: float = 0.9,
+                          out_dtype: torch.dtype = torch.int8, precise: bool = False,
+                          tokens_per_program: int | None = None,
+                          warps: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Same contract as `triton_transform.duquant_quantize`: x [..., K] -> (a [M, K], scale [M])."""
+    k = x.shape[-1]
+    n = rotation_block(k, rot1, rot2)
+    x2, out, scale = token_rows_and_outputs(x, out_dtype)
+    m = x2.shape[0]
+    if m == 0:
+        return out, scale
+    f = prepared_factors(rot1, perm, rot2, smooth, precise)
+    nb_pad, t, w = row_tile(k, n)
+    t = tokens_per_program or min(t, triton.next_power_of_2(m))  # decode: no empty token slots
+    scratch = _buffer("rows", m * k if perm is not None else 1, torch.float32 if precise else torch.bfloat16, x.device)
+    dummy = scale
+    row_transform_quant_kernel[(triton.cdiv(m, t),)](
+        x2, *(v if v is not None else dummy for v in (f.smooth, f.rot1, f.perm, f.rot2)), scratch, out, scale,
+        m, k, k // n, x2.stride(0), out.stride(0), float(clip), float((1 << bits) - 1),
+        N=n, NB_PAD=nb_pad, T=t, HAS_SMOOTH=f.smooth is not None, HAS_R1=f.rot1 is not None,
+        HAS_PERM=f.perm is not None, HAS_R2=f.rot2 is not None, PRECISE=precise, num_warps=warps or w,
+    )
+    return out, scale
