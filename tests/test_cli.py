@@ -65,12 +65,15 @@ def test_quantize_eval_generate_round_trip(model_dir, data_folder, tmp_path, cap
     assert capsys.readouterr().out.strip()
 
 
-def test_real_backend_eval_and_generate(model_dir, data_folder, tmp_path, capsys):
+@pytest.mark.parametrize("preset", ["duquant", "quarot"])
+def test_real_backend_eval_and_generate(model_dir, data_folder, tmp_path, capsys, preset):
     """--backend real (the kernels' CPU references here) gives the simulated perplexity up to
-    rounding; quantize --backend real still saves the simulated layout."""
+    rounding, for DuQuant (asymmetric) and QuaRot (symmetric W/A, online Hadamard, GPTQ);
+    quantize --backend real still saves the simulated layout."""
     out = tmp_path / "q"
     record = tmp_path / "run.json"
-    assert main(quantize_args(model_dir, data_folder, out, "--backend", "real", "--json", str(record))) == 0
+    extra = ["--preset", "quarot", "--method", "quarot"] if preset == "quarot" else []
+    assert main(quantize_args(model_dir, data_folder, out, "--backend", "real", "--json", str(record), *extra)) == 0
     run = json.loads(record.read_text())
     assert run["backend"]["real_layers"] == 14 and run["backend"]["simulated_layers"] == []
     real_ppl = run["results"]["wikitext2"]["ppl"]

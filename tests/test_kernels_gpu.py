@@ -75,6 +75,34 @@ def test_duquant_transform_quantize(m: int, k: int, mode: str) -> None:
             _check_codes(a, s, ar, sr, precise)
 
 
+@pytest.mark.parametrize("kernel", ["one-launch", "three-launch", "rows", "hadamard"])
+@pytest.mark.parametrize("m, k", [(1, 1536), (33, 11008), (2048, 4096)])
+def test_symmetric_activations(kernel: str, m: int, k: int) -> None:
+    """QuaRot's symmetric per-token quantization (z = 8, codes in [−8, 7]) in every transform kernel."""
+    from duquant.kernels import reference as ref
+    from duquant.kernels.triton_hadamard import hadamard_quantize
+    from duquant.kernels.triton_row_transform import duquant_quantize_rows
+    from duquant.kernels.triton_transform import duquant_quantize
+    from duquant.transforms.hadamard import _base_matrix
+    x = torch.randn(m, k, device="cuda").to(torch.bfloat16)
+    if kernel == "hadamard":
+        mm = HAD_M[k]
+        had_m = None if mm == 1 else _base_matrix(mm).to("cuda", torch.float32)
+        a, s = hadamard_quantize(x, had_m, 4, 0.9, torch.int8, True, symmetric=True)
+        ar, sr = ref.hadamard_quantize_ref(x, had_m, 4, 0.9, symmetric=True)
+    else:
+        n = _block(k)
+        args = (_orthogonal(n), torch.randperm(k, device="cuda"), _orthogonal(n), None)
+        if kernel == "rows":
+            a, s = duquant_quantize_rows(x, *args, 4, 0.9, torch.int8, True, symmetric=True)
+        else:
+            a, s = duquant_quantize(x, *args, 4, 0.9, torch.int8, True, fused=kernel == "one-launch", symmetric=True)
+        ar, sr = ref.transform_quantize_ref(x, *args, 4, 0.9, symmetric=True)
+    torch.cuda.synchronize()
+    assert int(a.min()) >= -8 and int(a.max()) <= 7
+    _check_codes(a, s, ar, sr, True)
+
+
 def test_one_launch_transform_repeats_and_replays() -> None:
     """The one-launch transform leaves its counters at zero: back-to-back calls of
     different sizes (44k programs at M = 32768, K = 11008) and CUDA-graph replays give the

@@ -163,3 +163,27 @@ def test_row_transform_matches_reference(m: int, k: int, n: int, stages: str) ->
     a, s = duquant_quantize_rows(x, *args, 4, 0.9, torch.int8, False)
     diff = (a.to(torch.int16) - ar.to(torch.int16)).abs()
     assert int(diff.max()) <= 1 and float((diff > 0).float().mean()) < 3e-2
+
+
+@pytest.mark.parametrize("kernel", ["tiles", "rows", "hadamard"])
+def test_symmetric_activations_match_reference(kernel: str) -> None:
+    """QuaRot's symmetric per-token quantization (Δ = clip·max|y| / 7, z = 8) in each
+    transform kernel: the reference codes (precise mode), all within [−8, 7]."""
+    from duquant.kernels.triton_hadamard import hadamard_quantize
+    from duquant.kernels.triton_row_transform import duquant_quantize_rows
+    from duquant.kernels.triton_transform import duquant_quantize
+    gen = torch.Generator().manual_seed(3)
+    m, k, n = 9, 256, 64
+    x = torch.randn(m, k, generator=gen).to(torch.bfloat16)
+    x[:, 5] *= 30
+    if kernel == "hadamard":
+        a, s = hadamard_quantize(x, None, 4, 0.9, torch.int8, True, symmetric=True)
+        ar, sr = ref.hadamard_quantize_ref(x, None, 4, 0.9, symmetric=True)
+    else:
+        args = (_orthogonal(n, gen), torch.randperm(k, generator=gen), _orthogonal(n, gen), None)
+        fn = duquant_quantize if kernel == "tiles" else duquant_quantize_rows
+        a, s = fn(x, *args, 4, 0.9, torch.int8, True, symmetric=True)
+        ar, sr = ref.transform_quantize_ref(x, *args, 4, 0.9, symmetric=True)
+    assert -8 <= int(ar.min()) and int(ar.max()) <= 7
+    assert int(ar.min()) == -8 or int(ar.max()) == 7  # the clipped abs-max reaches the end of the range
+    assert torch.equal(a, ar) and float(((s - sr).abs() / sr).max()) < 1e-5

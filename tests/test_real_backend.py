@@ -30,13 +30,18 @@ def _logits(model, tokens):
         return model(input_ids=tokens).logits
 
 
-@pytest.mark.parametrize("method", ["duquant", "rtn"])
+@pytest.mark.parametrize("method", ["duquant", "rtn", "quarot"])
 def test_every_layer_matches_simulated(tokens, method):
-    model = _quantized(tokens, method=method)
+    # QuaRot: symmetric weights and activations, an online Hadamard on down_proj
+    extra = dict(w_symmetric=True, a_symmetric=True) if method == "quarot" else {}
+    model = _quantized(tokens, method=method, **extra)
     layers = [(n, m) for n, m in model.named_modules() if isinstance(m, QuantLinear)]
     assert layers and all(supports_real(m) for _, m in layers)
     if method == "duquant":
         assert any(m.input_transform is not None and m.input_transform.perm is not None for _, m in layers)
+    if method == "quarot":
+        assert all(m.act_spec.symmetric for _, m in layers)
+        assert any(m.input_transform is not None and m.input_transform.hadamard for _, m in layers)
     gen = torch.Generator().manual_seed(0)
     for name, sim in layers:
         x = torch.randn(3, 5, sim.in_features, generator=gen)

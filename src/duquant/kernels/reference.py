@@ -20,9 +20,11 @@ def _as_rows(x: torch.Tensor) -> torch.Tensor:
     return x.reshape(-1, x.shape[-1])
 
 
-def quantize_rows(h: torch.Tensor, bits: int, clip: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-row asymmetric quantization of float32 rows -> (q − z as int8, scale float32 [M])."""
-    spec = QuantSpec(bits=bits, symmetric=False, clip=clip)
+def quantize_rows(h: torch.Tensor, bits: int, clip: float,
+                  symmetric: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row quantization of float32 rows -> (q − z as int8, scale float32 [M]); asymmetric
+    (min/max) or symmetric (abs-max, z = 2^(b−1))."""
+    spec = QuantSpec(bits=bits, symmetric=symmetric, clip=clip)
     scale, zero = compute_qparams(h, spec)
     q = quantize(h, scale, zero, spec)
     a = (q.to(torch.float32) - zero).clamp(-128, 127).to(torch.int8)
@@ -53,9 +55,9 @@ def duquant_transform_ref(x: torch.Tensor, rot1: torch.Tensor | None, perm: torc
 
 def transform_quantize_ref(x: torch.Tensor, rot1: torch.Tensor | None, perm: torch.Tensor | None,
                            rot2: torch.Tensor | None, smooth: torch.Tensor | None, bits: int = 4,
-                           clip: float = 0.9) -> tuple[torch.Tensor, torch.Tensor]:
+                           clip: float = 0.9, symmetric: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """x [..., K] -> (a = q − z int8 [M, K], per-token scale float32 [M]), M = prod(x.shape[:-1])."""
-    return quantize_rows(duquant_transform_ref(x, rot1, perm, rot2, smooth), bits, clip)
+    return quantize_rows(duquant_transform_ref(x, rot1, perm, rot2, smooth), bits, clip, symmetric)
 
 
 def sylvester(p: int, device: torch.device | str | None = None) -> torch.Tensor:
@@ -100,9 +102,9 @@ def hadamard_transform_ref(x: torch.Tensor, had_m: torch.Tensor | None) -> torch
 
 
 def hadamard_quantize_ref(x: torch.Tensor, had_m: torch.Tensor | None, bits: int = 4,
-                          clip: float = 0.9) -> tuple[torch.Tensor, torch.Tensor]:
-    """QuaRot's online Hadamard + per-token asymmetric quantization -> (a int8 [M, K], scale [M])."""
-    return quantize_rows(hadamard_transform_ref(x, had_m), bits, clip)
+                          clip: float = 0.9, symmetric: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """QuaRot's online Hadamard + per-token quantization -> (a int8 [M, K], scale [M])."""
+    return quantize_rows(hadamard_transform_ref(x, had_m), bits, clip, symmetric)
 
 
 def w4a8_gemm_ref(a: torch.Tensor, s_x: torch.Tensor, w_packed: torch.Tensor, w_scale: torch.Tensor,

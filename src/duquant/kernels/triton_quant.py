@@ -1,5 +1,6 @@
-"""Triton device helpers shared by the transform kernels: per-token asymmetric quantization
-with exactly the shared quantizer's arithmetic (float32, IEEE division, round half to even).
+"""Triton device helpers shared by the transform kernels: per-token quantization (asymmetric
+or symmetric) with exactly the shared quantizer's arithmetic (float32, IEEE division, round
+half to even).
 """
 from __future__ import annotations
 
@@ -30,3 +31,19 @@ def centered_codes(y, scale, zero, qmax):
     q = rint(tl.math.div_rn(y, scale[:, None])) + zero[:, None]
     q = tl.minimum(tl.maximum(q, 0.0), qmax)
     return tl.minimum(tl.maximum(q - zero[:, None], -128.0), 127.0)
+
+
+@triton.jit
+def sym_qparams(row_min, row_max, clip, qmax):
+    """Symmetric: Δ = clip·max|y| / (2^(b−1) − 1) (≥ 1e-8) and z = 2^(b−1) (qmax = 2^b − 1)."""
+    half = (qmax + 1.0) * 0.5
+    amax = tl.maximum(-row_min, row_max) * clip
+    scale = tl.maximum(tl.math.div_rn(amax, half - 1.0), 1e-8)
+    return scale, tl.zeros_like(scale) + half
+
+
+@triton.jit
+def token_qparams(row_min, row_max, clip, qmax, SYMMETRIC: tl.constexpr):
+    if SYMMETRIC:
+        return sym_qparams(row_min, row_max, clip, qmax)
+    return asym_qparams(row_min, row_max, clip, qmax)

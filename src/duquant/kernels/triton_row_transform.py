@@ -26,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from duquant.kernels.triton_quant import asym_qparams, centered_codes
+from duquant.kernels.triton_quant import centered_codes, token_qparams
 from duquant.kernels.triton_transform import (_buffer, _dot, prepared_factors, rotation_block,
                                                token_rows_and_outputs)
 
@@ -36,7 +36,7 @@ def row_transform_quant_kernel(
     x_ptr, smooth_ptr, rot1_ptr, perm_ptr, rot2_ptr, scratch_ptr, out_ptr, scale_ptr,
     M, K, NB, stride_xm, stride_om, clip, qmax,
     N: tl.constexpr, NB_PAD: tl.constexpr, T: tl.constexpr, HAS_SMOOTH: tl.constexpr, HAS_R1: tl.constexpr,
-    HAS_PERM: tl.constexpr, HAS_R2: tl.constexpr, PRECISE: tl.constexpr,
+    HAS_PERM: tl.constexpr, HAS_R2: tl.constexpr, PRECISE: tl.constexpr, SYMMETRIC: tl.constexpr,
 ):
     R: tl.constexpr = T * NB_PAD
     pid = tl.program_id(0)
@@ -63,7 +63,7 @@ def row_transform_quant_kernel(
     # per-token range: min/max of each tile row, then over the NB_PAD rows of a token
     lo = tl.min(tl.reshape(tl.min(tl.where(ok, h, float("inf")), axis=1), [T, NB_PAD]), axis=1)
     hi = tl.max(tl.reshape(tl.max(tl.where(ok, h, float("-inf")), axis=1), [T, NB_PAD]), axis=1)
-    scale, zero = asym_qparams(lo, hi, clip, qmax)  # [T]
+    scale, zero = token_qparams(lo, hi, clip, qmax, SYMMETRIC)  # [T]
     ts = pid * T + tl.arange(0, T)
     tl.store(scale_ptr + ts, scale, mask=ts < M)
     scale_rows = tl.reshape(tl.broadcast_to(scale[:, None], [T, NB_PAD]), [R])
@@ -83,8 +83,8 @@ def row_tile(k: int, n: int) -> tuple[int, int, int]:
 def duquant_quantize_rows(x: torch.Tensor, rot1: torch.Tensor | None, perm: torch.Tensor | None,
                           rot2: torch.Tensor | None, smooth: torch.Tensor | None, bits: int = 4, clip: float = 0.9,
                           out_dtype: torch.dtype = torch.int8, precise: bool = False,
-                          tokens_per_program: int | None = None,
-                          warps: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                          tokens_per_program: int | None = None, warps: int | None = None,
+                          symmetric: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Same contract as `triton_transform.duquant_quantize`: x [..., K] -> (a [M, K], scale [M])."""
     k = x.shape[-1]
     n = rotation_block(k, rot1, rot2)
@@ -101,6 +101,7 @@ def duquant_quantize_rows(x: torch.Tensor, rot1: torch.Tensor | None, perm: torc
         x2, *(v if v is not None else dummy for v in (f.smooth, f.rot1, f.perm, f.rot2)), scratch, out, scale,
         m, k, k // n, x2.stride(0), out.stride(0), float(clip), float((1 << bits) - 1),
         N=n, NB_PAD=nb_pad, T=t, HAS_SMOOTH=f.smooth is not None, HAS_R1=f.rot1 is not None,
-        HAS_PERM=f.perm is not None, HAS_R2=f.rot2 is not None, PRECISE=precise, num_warps=warps or w,
+        HAS_PERM=f.perm is not None, HAS_R2=f.rot2 is not None, PRECISE=precise, SYMMETRIC=symmetric,
+        num_warps=warps or w,
     )
     return out, scale

@@ -35,7 +35,7 @@ import torch
 import triton
 import triton.language as tl
 
-from duquant.kernels.triton_quant import asym_qparams, centered_codes
+from duquant.kernels.triton_quant import centered_codes, token_qparams
 
 
 # Triton's CPU interpreter multiplies bf16 tiles wrongly (seen with triton 3.6): under
@@ -139,7 +139,7 @@ def transform_quant_kernel(
     scale_ptr, sync_ptr, M, stride_xm, M_PAD, NA, NB, P, stride_om, post_scale, clip, qmax,
     N1: tl.constexpr, N2: tl.constexpr, KC: tl.constexpr, BLOCK_M: tl.constexpr, SUB: tl.constexpr,
     HAS_SMOOTH: tl.constexpr, HAS_R1: tl.constexpr, HAS_DEST: tl.constexpr, HAS_R2: tl.constexpr,
-    HAS_MAP: tl.constexpr, PRECISE: tl.constexpr, STAGE: tl.constexpr,
+    HAS_MAP: tl.constexpr, PRECISE: tl.constexpr, STAGE: tl.constexpr, SYMMETRIC: tl.constexpr,
 ):
     """One program = one block × one token group of SUB·BLOCK_M tokens (the rotation is
     read once per program and used for SUB token tiles; on the H100 SUB > 1 did not pay,
@@ -210,7 +210,7 @@ def transform_quant_kernel(
             y = y * post_scale
             row_min = tl.load(rowmin_ptr + rm, cache_modifier=".cg")
             row_max = tl.load(rowmax_ptr + rm, cache_modifier=".cg")
-            scale, zero = asym_qparams(row_min, row_max, clip, qmax)
+            scale, zero = token_qparams(row_min, row_max, clip, qmax, SYMMETRIC)
             m_ok = rm < M
             if b == 0:
                 tl.store(scale_ptr + rm, scale, mask=m_ok)
@@ -303,8 +303,9 @@ def two_stage_quantize(x: torch.Tensor, n1: int, rot1: torch.Tensor | None, dest
                        smooth: torch.Tensor | None, post_scale: float, bits: int, clip: float,
                        out_dtype: torch.dtype, precise: bool, block_m: int | None = None,
                        warps: int | None = None, fused: bool | None = None,
-                       sub_tiles: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Block rotation → shuffle → block rotation → per-token quantization.
+                       sub_tiles: int | None = None, symmetric: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Block rotation → shuffle → block rotation → per-token quantization (asymmetric, or
+    symmetric with z = 2^(b−1)).
 
     x [M, K]; rot1 [n1, n1]; dest int32 [K] (scratch row of input channel c, None =
     identity); rot2t [n2, n2] = R̂₂ᵀ; srow/ocol int32 [NB·n2] (scratch row read and output
@@ -338,7 +339,8 @@ def two_stage_quantize(x: torch.Tensor, n1: int, rot1: torch.Tensor | None, dest
             float((1 << bits) - 1))
     meta = dict(N1=n1, N2=n2, KC=n2 if n2 <= 128 else 64, BLOCK_M=bm, SUB=sub,
                 HAS_SMOOTH=smooth is not None, HAS_R1=rot1 is not None, HAS_DEST=dest is not None,
-                HAS_R2=rot2t is not None, HAS_MAP=has_map, PRECISE=precise, num_warps=warps or 4)
+                HAS_R2=rot2t is not None, HAS_MAP=has_map, PRECISE=precise, SYMMETRIC=symmetric,
+                num_warps=warps or 4)
     if fused:
         transform_quant_kernel[(groups * programs,)](*args, STAGE=0, **meta)
     else:
@@ -388,10 +390,10 @@ def prepared_factors(rot1, perm, rot2, smooth, precise) -> Factors:
 def duquant_quantize(x: torch.Tensor, rot1: torch.Tensor | None, perm: torch.Tensor | None,
                      rot2: torch.Tensor | None, smooth: torch.Tensor | None, bits: int = 4, clip: float = 0.9,
                      out_dtype: torch.dtype = torch.int8, precise: bool = False, block_m: int | None = None,
-                     warps: int | None = None, fused: bool | None = None,
-                     sub_tiles: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                     warps: int | None = None, fused: bool | None = None, sub_tiles: int | None = None,
+                     symmetric: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """DuQuant transform + quantize. x [..., K] -> (a [M, K] out_dtype, scale float32 [M])."""
     n = rotation_block(x.shape[-1], rot1, rot2)
     f = prepared_factors(rot1, perm, rot2, smooth, precise)
     return two_stage_quantize(x, n, f.rot1, f.dest, n, f.rot2_t, None, None, f.smooth, 1.0, bits, clip, out_dtype,
-                              precise, block_m, warps, fused, sub_tiles)
+                              precise, block_m, warps, fused, sub_tiles, symmetric)

@@ -31,10 +31,12 @@ def _hadamard_base(k: int, device: torch.device) -> torch.Tensor | None:
 
 
 def supports_real(layer: QuantLinear) -> bool:
-    """Whether the W4A4 kernels can run this layer (else it keeps the simulated forward)."""
+    """Whether the W4A4 kernels can run this layer (else it keeps the simulated forward):
+    4-bit weights (a symmetric weight is stored with z = 8, so the kernels see q − z either
+    way) and ≤ 4-bit per-token activations, asymmetric (DuQuant) or symmetric (QuaRot)."""
     w, a = layer.weight_spec, layer.act_spec
-    return (w is not None and a is not None and w.bits == 4 and not w.symmetric and a.bits <= 4
-            and not a.symmetric and a.group_size == 0 and layer.in_features % 2 == 0)
+    return (w is not None and a is not None and w.bits == 4 and a.bits <= 4 and a.group_size == 0
+            and layer.in_features % 2 == 0)
 
 
 _MEMO: dict[str, object] = {}
@@ -65,6 +67,7 @@ class RealQuantLinear(nn.Module):
         self.group_size = spec.group_size
         self.bias = layer.bias
         self.act_bits, self.act_clip = layer.act_spec.bits, layer.act_spec.clip
+        self.act_symmetric = layer.act_spec.symmetric
         t = layer.input_transform
         for name in ("rot1", "perm", "rot2"):
             self.register_buffer(name, None if t is None else getattr(t, name), persistent=False)
@@ -88,7 +91,7 @@ class RealQuantLinear(nn.Module):
 
     def _transform_key(self, x: torch.Tensor) -> tuple:
         ids = tuple(None if t is None else t.data_ptr() for t in (self.rot1, self.perm, self.rot2))
-        return ids + (self.hadamard, self.act_bits, self.act_clip, x._version)
+        return ids + (self.hadamard, self.act_bits, self.act_clip, self.act_symmetric, x._version)
 
     def _quantize_input(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         # q/k/v (and gate/up) read the same activation through the same transform: the
@@ -108,8 +111,9 @@ class RealQuantLinear(nn.Module):
                 x = self._transform._apply_factors(x.to(torch.float32), torch.float32)
             if self._had is None or self._had[0] != x.device:
                 self._had = (x.device, _hadamard_base(self.in_features, x.device))
-            return ops.hadamard_quantize(x, self._had[1], self.act_bits, self.act_clip)
-        return ops.transform_quantize(x, self.rot1, self.perm, self.rot2, None, self.act_bits, self.act_clip)
+            return ops.hadamard_quantize(x, self._had[1], self.act_bits, self.act_clip, symmetric=self.act_symmetric)
+        return ops.transform_quantize(x, self.rot1, self.perm, self.rot2, None, self.act_bits, self.act_clip,
+                                      symmetric=self.act_symmetric)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
