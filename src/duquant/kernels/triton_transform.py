@@ -28,6 +28,7 @@ products as 3×TF32 (≈ fp32).
 """
 from __future__ import annotations
 
+import functools
 import os
 from typing import NamedTuple
 
@@ -153,10 +154,10 @@ def transform_quant_kernel(
     launches: small M): the P programs of a token group meet at a counter between the
     stages. Programs take their (group, block) from a ticket counter in the order they
     start, so a waiting program's earlier tickets are all running and the rest start as
-    soon as any earlier group ends: no deadlock while P programs fit on the GPU at once
-    (P ≤ K/16, far below the resident limit). The last program of a group resets its
-    counter and the last program of the launch the ticket, so the next launch (or CUDA
-    graph replay) finds zeros."""
+    soon as any earlier group ends: no deadlock while P programs fit on the GPU at once,
+    which the host guarantees by launching this form only for P ≤ SMs. The last program
+    of a group resets its counter and the last program of the launch the ticket, so the
+    next launch (or CUDA graph replay) finds zeros."""
     if STAGE == 0:
         ticket = tl.atomic_add(sync_ptr, 1)
         g = ticket // P
@@ -268,13 +269,23 @@ DEFAULT_SUB_TILES = 1
 FUSED_MAX_M = 8192
 
 
-def fused_default(x: torch.Tensor, m: int) -> bool:
+@functools.lru_cache(maxsize=None)
+def _sm_count(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def fused_default(x: torch.Tensor, m: int, programs: int) -> bool:
     """One launch up to FUSED_MAX_M tokens on a GPU, three launches above (less GPU time
     when the GPU, not the host, is the limit). The interpreter (serial programs) always
-    needs three. DUQUANT_FUSED_TRANSFORM=0/1 forces one choice."""
-    forced = os.environ.get("DUQUANT_FUSED_TRANSFORM")
-    if not x.is_cuda or _INTERPRET.value:
+    needs three. DUQUANT_FUSED_TRANSFORM=0/1 forces one choice.
+
+    The one-launch form needs the `programs` of a token group resident at once; at least
+    one program fits on every SM (or the kernel could not launch at all), so it is used
+    only when programs ≤ SMs (86 of 132 on an H100 at K = 11008; a Hadamard plan of 172
+    blocks, or a small GPU, takes three launches)."""
+    if not x.is_cuda or _INTERPRET.value or programs > _sm_count(x.device):
         return False
+    forced = os.environ.get("DUQUANT_FUSED_TRANSFORM")
     return forced == "1" if forced in ("0", "1") else m <= FUSED_MAX_M
 
 
@@ -328,7 +339,10 @@ def two_stage_quantize(x: torch.Tensor, n1: int, rot1: torch.Tensor | None, dest
     vt = _buffer("vt", k * m_pad, torch.float32 if precise else torch.bfloat16, x.device).view(k, m_pad)
     row_range = _buffer("row_range", 2 * m_pad, torch.float32, x.device)
     # precise (fp32 vT, 3×TF32) in one launch can exceed shared memory (K = 11008)
-    fused = (fused_default(x, m) and not precise) if fused is None else fused
+    fused = (fused_default(x, m, programs) and not precise) if fused is None else fused
+    if fused and x.is_cuda and programs > _sm_count(x.device):
+        raise ValueError(f"one-launch transform: {programs} programs per token group exceed the GPU's "
+                         f"{_sm_count(x.device)} SMs (they must be resident at once); use fused=False")
     dummy = scale
     has_map = srow is not None
     args = (x2, smooth if smooth is not None else dummy, rot1 if rot1 is not None else dummy,
