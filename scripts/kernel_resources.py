@@ -1,0 +1,84 @@
+"""Compile the transform kernels for sm_90 without a GPU (Triton's bundled ptxas) and print
+registers, spill stack and shared memory per variant: a variant that needs more than the
+H100's 227 KB of shared memory, or spills, shows here before any GPU time is spent.
+
+    PYTHONPATH=src python scripts/kernel_resources.py
+"""
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import tempfile
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from duquant.kernels.triton_row_transform import row_tile, row_transform_quant_kernel
+from duquant.kernels.triton_transform import transform_quant_kernel
+
+SMEM_LIMIT = 232448  # bytes per block on an H100 (opt-in maximum)
+
+
+def _signature(fn, pointers: dict[str, str], constexprs: dict[str, object]) -> dict[str, str]:
+    return {name: ("constexpr" if name in constexprs else pointers.get(name, "i32")) for name in fn.arg_names}
+
+
+def compile_sm90(fn, pointers: dict[str, str], constexprs: dict[str, object], warps: int,
+                 floats: tuple[str, ...] = ()) -> str:
+    sig = _signature(fn, pointers, constexprs)
+    for name in floats:
+        sig[name] = "fp32"
+    names = list(sig)
+    divisible = [n for n in names if sig[n].startswith("*")]
+    src = ASTSource(fn=fn, signature=sig, constexprs={(names.index(k),): v for k, v in constexprs.items()},
+                    attrs={(names.index(n),): [["tt.divisibility", 16]] for n in divisible})
+    try:
+        c = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
+    except Exception as e:  # noqa: BLE001 - report and go on with the next variant
+        return f"does not compile: {type(e).__name__}: {str(e)[:160]}"
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, "k.cubin")
+        with open(path, "wb") as f:
+            f.write(c.asm["cubin"])
+        tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+        usage = subprocess.run([tool, "--dump-resource-usage", path], capture_output=True, text=True).stdout
+    regs, stack = re.search(r"REG:(\d+) STACK:(\d+)", usage).groups()
+    smem = c.metadata.shared
+    flag = "  <-- over the shared-memory limit" if smem > SMEM_LIMIT else ("  <-- spills" if int(stack) else "")
+    return f"regs {regs}, stack {stack}, smem {smem} B{flag}"
+
+
+def tiles(n: int, block_m: int, stage: int, precise: bool, warps: int = 4) -> str:
+    ptr = {"x_ptr": "*bf16", "smooth_ptr": "*fp32", "rot1_ptr": "*fp32" if precise else "*bf16", "dest_ptr": "*i32",
+           "vt_ptr": "*fp32" if precise else "*bf16", "rot2t_ptr": "*fp32" if precise else "*bf16", "srow_ptr": "*i32",
+           "ocol_ptr": "*i32", "rowmin_ptr": "*fp32", "rowmax_ptr": "*fp32", "out_ptr": "*fp8e4nv",
+           "scale_ptr": "*fp32", "sync_ptr": "*i32"}
+    const = dict(N1=n, N2=n, KC=n, BLOCK_M=block_m, SUB=1, HAS_SMOOTH=True, HAS_R1=True, HAS_DEST=True, HAS_R2=True,
+                 HAS_MAP=False, PRECISE=precise, STAGE=stage, SYMMETRIC=False)
+    return compile_sm90(transform_quant_kernel, ptr, const, warps, ("post_scale", "clip", "qmax"))
+
+
+def rows(k: int, n: int, precise: bool) -> str:
+    nb_pad, t, warps = row_tile(k, n)
+    ptr = {"x_ptr": "*bf16", "smooth_ptr": "*fp32", "rot1_ptr": "*fp32" if precise else "*bf16", "perm_ptr": "*i32",
+           "rot2_ptr": "*fp32" if precise else "*bf16", "scratch_ptr": "*fp32" if precise else "*bf16",
+           "out_ptr": "*fp8e4nv", "scale_ptr": "*fp32"}
+    const = dict(N=n, NB_PAD=nb_pad, T=t, HAS_SMOOTH=True, HAS_R1=True, HAS_PERM=True, HAS_R2=True, PRECISE=precise,
+                 SYMMETRIC=False)
+    return f"T={t} NB_PAD={nb_pad} warps={warps}: " + compile_sm90(row_transform_quant_kernel, ptr, const, warps,
+                                                                   ("clip", "qmax"))
+
+
+def main() -> None:
+    for precise in (False, True):
+        for stage in (0, 1, 2, 3):
+            print(f"tiles n=128 BLOCK_M=64 stage={stage} precise={precise}: {tiles(128, 64, stage, precise)}", flush=True)
+    for k, n in ((4096, 128), (11008, 128), (1536, 128), (576, 64)):
+        for precise in (False, True):
+            print(f"rows K={k} n={n} precise={precise}: {rows(k, n, precise)}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
