@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# The GPU experiments of issue 4, one device call per step (each fits the 10-minute limit).
+# Usage on the device machine, repo root: OUT=$OUT bash scripts/gpu_issue4.sh STEP
+#   parity     transform/rows/symmetric/real-backend/bench GPU tests, then the transform timing table
+#   kernel     duquant bench --level kernel (decode sizes, with the dp4a GEMV sweep; then prefill sizes)
+#   quantize   duquant bench --level quantize (DuQuant on the LLaMA-2-7B-shaped model)
+#   layer      duquant bench --level layer, with the tiles and with the rows transform kernel
+#   e2e        duquant bench --level e2e, with the tiles and with the rows transform kernel
+# Results land in $OUT as JSON + markdown (+ logs); copy them to results/ with the command line.
+set -uo pipefail
+OUT=${OUT:-out}
+mkdir -p "$OUT"
+export PYTHONPATH=$PWD/src:${PYTHONPATH:-} PYTHONUNBUFFERED=1
+bench=(python3 -c "import sys; from duquant.bench import main; sys.exit(main(sys.argv[1:]))")
+nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,temperature.gpu --format=csv,noheader | tee "$OUT/gpu.txt"
+case "${1:-}" in
+  parity)
+    timeout 330 python3 -m pytest -q -p no:cacheprovider -rf --tb=short \
+      -k "transform or repeats or symmetric or real_quant or cuda" tests/test_kernels_gpu.py tests/test_bench.py \
+      > "$OUT/pytest.log" 2>&1
+    echo "pytest rc=$?"; grep -E "passed|failed|^FAILED|^E  " "$OUT/pytest.log" | head -30
+    timeout 220 python3 scripts/transform_timing.py --out-json "$OUT/transform.json" --ms 1 16 2048 8192 32768 | tail -14
+    ;;
+  kernel)
+    timeout 280 "${bench[@]}" --level kernel --ms 1 4 16 64 --out-json "$OUT/kernel_decode.json" --out-md "$OUT/kernel_decode.md" \
+      > "$OUT/kernel_decode.log" 2>&1; head -12 "$OUT/kernel_decode.md"
+    timeout 280 "${bench[@]}" --level kernel --ms 2048 8192 32768 --out-json "$OUT/kernel_prefill.json" \
+      --out-md "$OUT/kernel_prefill.md" > "$OUT/kernel_prefill.log" 2>&1; head -14 "$OUT/kernel_prefill.md"
+    ;;
+  quantize)
+    timeout 580 "${bench[@]}" --level quantize --out-json "$OUT/quantize.json" --out-md "$OUT/quantize.md" \
+      > "$OUT/quantize.log" 2>&1; tail -30 "$OUT/quantize.md"
+    ;;
+  layer|e2e)
+    timeout 280 "${bench[@]}" --level "$1" --out-json "$OUT/$1.json" --out-md "$OUT/$1.md" > "$OUT/$1.log" 2>&1
+    grep -E "^\| (prefill|decode)" "$OUT/$1.md"
+    DUQUANT_TRANSFORM_KERNEL=rows timeout 280 "${bench[@]}" --level "$1" --variants w4a4 --out-json "$OUT/$1_rows.json" \
+      --out-md "$OUT/$1_rows.md" > "$OUT/$1_rows.log" 2>&1
+    grep -E "^\| (prefill|decode)" "$OUT/$1_rows.md"
+    ;;
+  *)
+    echo "usage: OUT=\$OUT bash scripts/gpu_issue4.sh {parity|kernel|quantize|layer|e2e}"; exit 2
+    ;;
+esac
