@@ -77,45 +77,38 @@ def _rot1_store(x_ptr, smooth_ptr, r1, dest_ptr, vt_ptr, c, rm, store_ok, M, str
 
 
 @triton.jit
+def _load_vt_rows(vt_ptr, srow_ptr, idx, rm, M_PAD, HAS_MAP: tl.constexpr):
+    """vT rows for rows `idx` of the output blocks (through the srow map when there is one;
+    map entries < 0 read as 0), tokens rm. vT was written by other programs: ".cg" loads
+    skip the SM's (non-coherent) L1."""
+    if HAS_MAP:
+        src = tl.load(srow_ptr + idx)
+        v = tl.load(vt_ptr + src.to(tl.int64)[:, None] * M_PAD + rm[None, :], mask=(src >= 0)[:, None], other=0.0,
+                    cache_modifier=".cg")
+    else:
+        v = tl.load(vt_ptr + idx.to(tl.int64)[:, None] * M_PAD + rm[None, :], cache_modifier=".cg")
+    return v
+
+
+@triton.jit
 def _rot2_tile(vt_ptr, rot2t_ptr, r2, srow_ptr, b, rm, M_PAD, N2: tl.constexpr, KC: tl.constexpr,
                BLOCK_M: tl.constexpr, HAS_R2: tl.constexpr, HAS_MAP: tl.constexpr, PRECISE: tl.constexpr):
-    """yᵀ [N2, BLOCK_M] = R̂₂ᵀ · vT[rows of output block b, tokens rm]; rows < 0 read as 0.
+    """yᵀ [N2, BLOCK_M] = R̂₂ᵀ · vT[rows of output block b, tokens rm].
     KC = N2: r2 is R̂₂ᵀ, loaded once by the caller. KC < N2 (N2 = 256): the product runs in
-    KC-wide slices of the reduction, read here, so no program holds a 256×256 operand.
-    vT was written by other programs: ".cg" loads skip the SM's (non-coherent) L1."""
+    KC-wide slices of the reduction, read here, so no program holds a 256×256 operand."""
     rr = tl.arange(0, N2)
     if HAS_R2:
         if KC == N2:
-            if HAS_MAP:
-                src = tl.load(srow_ptr + b * N2 + rr)
-                v = tl.load(vt_ptr + src.to(tl.int64)[:, None] * M_PAD + rm[None, :], mask=(src >= 0)[:, None],
-                            other=0.0, cache_modifier=".cg")
-            else:
-                src = b * N2 + rr
-                v = tl.load(vt_ptr + src.to(tl.int64)[:, None] * M_PAD + rm[None, :], cache_modifier=".cg")
-            y = _dot(r2, v, PRECISE)
+            y = _dot(r2, _load_vt_rows(vt_ptr, srow_ptr, b * N2 + rr, rm, M_PAD, HAS_MAP), PRECISE)
         else:
             y = tl.zeros([N2, BLOCK_M], dtype=tl.float32)
             rk = tl.arange(0, KC)
             for kc in tl.static_range(0, N2, KC):
-                if HAS_MAP:
-                    src = tl.load(srow_ptr + b * N2 + kc + rk)
-                    v = tl.load(vt_ptr + src.to(tl.int64)[:, None] * M_PAD + rm[None, :], mask=(src >= 0)[:, None],
-                                other=0.0, cache_modifier=".cg")
-                else:
-                    src = b * N2 + kc + rk
-                    v = tl.load(vt_ptr + src.to(tl.int64)[:, None] * M_PAD + rm[None, :], cache_modifier=".cg")
+                v = _load_vt_rows(vt_ptr, srow_ptr, b * N2 + kc + rk, rm, M_PAD, HAS_MAP)
                 r = tl.load(rot2t_ptr + rr[:, None] * N2 + (kc + rk)[None, :])
                 y += _dot(r, v, PRECISE)
     else:
-        if HAS_MAP:
-            src = tl.load(srow_ptr + b * N2 + rr)
-            v = tl.load(vt_ptr + src.to(tl.int64)[:, None] * M_PAD + rm[None, :], mask=(src >= 0)[:, None],
-                        other=0.0, cache_modifier=".cg")
-        else:
-            src = b * N2 + rr
-            v = tl.load(vt_ptr + src.to(tl.int64)[:, None] * M_PAD + rm[None, :], cache_modifier=".cg")
-        y = v.to(tl.float32)
+        y = _load_vt_rows(vt_ptr, srow_ptr, b * N2 + rr, rm, M_PAD, HAS_MAP).to(tl.float32)
     return y
 
 
