@@ -156,7 +156,7 @@ def test_quantize_bench_runs_duquant_on_a_tiny_model(tmp_path):
     assert {"capture", "fit"} <= set(r["stage_seconds"])
     assert "2 x 64 random token ids" in r["meta"]["calibration"]
     assert json.loads(out_json.read_text())["total_s"] == r["total_s"]
-    assert "| fit_group |" in out_md.read_text()
+    assert "| fit_groups |" in out_md.read_text()
     assert {name: getattr(pipeline, name) for name in STAGES} == before  # timers removed
 
 

@@ -9,6 +9,7 @@ from duquant.transforms.rotation import (
     auto_block_size,
     fit_block_rotation,
     greedy_rotation,
+    greedy_rotations,
     rotate_blocks,
     uniform_first_row_basis,
 )
@@ -80,6 +81,18 @@ def test_composition_equivalence(channels, block):
     rot2 = fit_block_rotation(rotate_blocks(xs, rot1)[:, perm], block, 16, g)
     online = OnlineTransform(channels, rot1, perm, rot2, dtype=torch.float64)
     assert_equivalent(x, w, online(xs), online.fold_into_weight(w * s))
+
+
+@pytest.mark.parametrize("exchange,criterion", [("column", "absmax"), ("row", "range")])
+def test_batched_greedy_rotations_equal_one_at_a_time(exchange, criterion):
+    """A layer's groups are fitted in one batched loop (quantize.fit_groups); each block
+    must get exactly the rotation it would get alone, from its own generator."""
+    xs = torch.stack([activations_with_outliers(96, 64, seed=s) for s in range(3)])
+    batched = greedy_rotations(xs, 24, [torch.Generator().manual_seed(s) for s in range(3)], exchange, criterion)
+    for s in range(3):
+        alone = greedy_rotation(xs[s], 24, torch.Generator().manual_seed(s), exchange, criterion)
+        assert torch.equal(batched[s], alone)
+    assert not torch.equal(batched[0], batched[1])  # the generators differ, so must the rotations
 
 
 def test_uniform_first_row_basis_is_orthogonal():

@@ -10,9 +10,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .config import QuantConfig
-from .methods.fitting import fit_group
+from .methods.fitting import fit_groups
 from .methods.gptq_layer import quantize_layer, uses_gptq
-from .methods.plan import GroupTransform
 from .methods.statistics import collect
 from .modeling.adapters import adapter_for, attention_shape
 from .modeling.attention import use_quantized_attention
@@ -88,14 +87,14 @@ def quantize(model: nn.Module, config: QuantConfig, calibration: torch.Tensor | 
             fp_stats, fp_next = collect(layer, adapter, fp_inputs, device, want_absmax=True, want_mean=False)
         if want_mean:
             q_stats, _ = collect(layer, adapter, q_inputs, device, want_absmax=False, want_mean=True)
-        plans: dict[str, GroupTransform] = {}
-        for g, group in enumerate(adapter.groups):
-            plans[group.name] = fit_group(
-                group, layer, config, shape,
-                absmax=None if fp_stats is None else fp_stats.absmax[group.name],
-                mean_sequence=None if q_stats is None else q_stats.mean_sequence(group.name),
-                generator=layer_generator(config.seed, index, g), where=f"layer {index} {group.name}",
-            )
+        plans = fit_groups(
+            adapter.groups, layer, config, shape,
+            absmax=None if fp_stats is None else fp_stats.absmax,
+            mean_sequence=None if q_stats is None else {g.name: q_stats.mean_sequence(g.name) for g in adapter.groups
+                                                         if g.name in q_stats.mean_sum},
+            generators=[layer_generator(config.seed, index, g) for g in range(len(adapter.groups))],
+            where=f"layer {index}",
+        )
         fit_time += time.perf_counter() - t
         quantize_layer(layer, index, adapter, plans, config, shape, q_inputs, device)
         if want_absmax:  # the full-precision stream feeds the next layer's smoothing statistics

@@ -28,7 +28,7 @@ from .timing import environment, environment_line, peak_memory_bytes, reset_peak
 STAGES = {
     "capture_layer0_inputs": "embed the calibration set, capture layer-0 inputs",
     "collect": "statistics: forward passes of the FP layer with hooks (abs-max, mean sequence)",
-    "fit_group": "fit transforms: smoothing, greedy rotations, permutation",
+    "fit_groups": "fit transforms: smoothing, greedy rotations, permutation",
     "quantize_layer": "fold transforms into weights, round weights, install QuantLinears",
     "run_layer": "forward of the quantized layer (inputs of the next layer)",
 }

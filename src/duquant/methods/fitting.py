@@ -9,7 +9,7 @@ from torch import nn
 from ..config import QuantConfig
 from ..modeling.adapters import AttentionShape, LinearGroup
 from ..transforms.permutation import zigzag_permutation
-from ..transforms.rotation import auto_block_size, fit_block_rotation, rotate_blocks
+from ..transforms.rotation import auto_block_size, greedy_rotations, rotate_blocks, worst_block
 from ..transforms.smoothing import smoothing_scales, weight_input_absmax
 from .plan import GroupTransform
 
@@ -52,34 +52,63 @@ def block_size_for(channels: int, config: QuantConfig, where: str) -> int:
     return size
 
 
-def fit_rotations(mean_sequence: torch.Tensor, config: QuantConfig, block_size: int,
-                  generator: torch.Generator) -> GroupTransform:
-    """R̂₁ → zigzag P → R̂₂ on the (smoothed) mean activation [tokens, C]."""
-    x = mean_sequence
-    plan = GroupTransform()
+def _fit_rotation_batch(xs: list[torch.Tensor], block_sizes: list[int], config: QuantConfig,
+                        generators: list[torch.Generator]) -> list[torch.Tensor]:
+    """One shared block rotation per activation xs[i] [tokens, C_i] (float64 on the CPU).
+
+    Each is fitted on its block with the largest |x| (Remark 2). Blocks of the same shape
+    run as one batched greedy loop; every block keeps its own generator, so the result is
+    the same as fitting them one at a time."""
+    blocks = [worst_block(x, n) for x, n in zip(xs, block_sizes)]
+    out: list[torch.Tensor | None] = [None] * len(xs)
+    by_shape: dict[tuple[int, ...], list[int]] = {}
+    for i, block in enumerate(blocks):
+        by_shape.setdefault(tuple(block.shape), []).append(i)
+    for members in by_shape.values():
+        rots = greedy_rotations(torch.stack([blocks[i] for i in members]), config.rotation_steps,
+                                [generators[i] for i in members], config.exchange, config.prefix_criterion)
+        for i, rot in zip(members, rots.cpu()):
+            out[i] = rot
+    return out
+
+
+def fit_rotations(xs: list[torch.Tensor], config: QuantConfig, block_sizes: list[int],
+                  generators: list[torch.Generator]) -> list[GroupTransform]:
+    """R̂₁ → zigzag P → R̂₂ for each (smoothed) mean activation xs[i] [tokens, C_i]."""
+    plans = [GroupTransform() for _ in xs]
     if config.rotations >= 1:
-        plan.rot1 = fit_block_rotation(x, block_size, config.rotation_steps, generator, config.exchange,
-                                       config.prefix_criterion).cpu()
-        x = rotate_blocks(x.double(), plan.rot1.to(x.device))
+        for i, rot in enumerate(_fit_rotation_batch(xs, block_sizes, config, generators)):
+            plans[i].rot1 = rot
+            xs[i] = rotate_blocks(xs[i].double(), rot.to(xs[i].device))
     if config.permute:
-        plan.perm = zigzag_permutation(x.abs().amax(dim=0).cpu(), block_size)
-        x = x[:, plan.perm.to(x.device)]
+        for i, (x, n) in enumerate(zip(xs, block_sizes)):
+            plans[i].perm = zigzag_permutation(x.abs().amax(dim=0).cpu(), n)
+            xs[i] = x[:, plans[i].perm.to(x.device)]
     if config.rotations >= 2:
-        plan.rot2 = fit_block_rotation(x, block_size, config.rotation_steps, generator, config.exchange,
-                                       config.prefix_criterion).cpu()
-    return plan
+        for i, rot in enumerate(_fit_rotation_batch(xs, block_sizes, config, generators)):
+            plans[i].rot2 = rot
+    return plans
 
 
-def fit_group(group: LinearGroup, layer: nn.Module, config: QuantConfig, shape: AttentionShape,
-              absmax: torch.Tensor | None, mean_sequence: torch.Tensor | None, generator: torch.Generator,
-              where: str) -> GroupTransform:
-    """The transform of one group for rtn / smoothquant / duquant."""
-    smooth = fit_smoothing(group, layer, absmax, config, shape) if config.uses_smoothing else None
-    if config.method != "duquant" or (config.rotations == 0 and not config.permute):
-        return GroupTransform(smooth=smooth)
-    x = mean_sequence.double()
-    if smooth is not None:
-        x = x / smooth.to(x.device)
-    plan = fit_rotations(x, config, block_size_for(x.shape[-1], config, where), generator)
-    plan.smooth = smooth
-    return plan
+def fit_groups(groups: list[LinearGroup], layer: nn.Module, config: QuantConfig, shape: AttentionShape,
+               absmax: dict[str, torch.Tensor] | None, mean_sequence: dict[str, torch.Tensor] | None,
+               generators: list[torch.Generator], where: str) -> dict[str, GroupTransform]:
+    """The transforms of all groups of one decoder layer for rtn / smoothquant / duquant
+    (their rotations fitted together: see `_fit_rotation_batch`)."""
+    plans: dict[str, GroupTransform] = {}
+    rotated: list[tuple[LinearGroup, torch.Tensor | None, torch.Tensor, torch.Generator]] = []
+    for group, generator in zip(groups, generators):
+        smooth = fit_smoothing(group, layer, absmax[group.name], config, shape) if config.uses_smoothing else None
+        if config.method != "duquant" or (config.rotations == 0 and not config.permute):
+            plans[group.name] = GroupTransform(smooth=smooth)
+            continue
+        x = mean_sequence[group.name].double()
+        rotated.append((group, smooth, x if smooth is None else x / smooth.to(x.device), generator))
+    if rotated:
+        xs = [x for _, _, x, _ in rotated]
+        sizes = [block_size_for(x.shape[-1], config, f"{where} {g.name}") for g, _, x, _ in rotated]
+        fitted = fit_rotations(xs, config, sizes, [gen for *_, gen in rotated])
+        for (group, smooth, _, _), plan in zip(rotated, fitted):
+            plan.smooth = smooth
+            plans[group.name] = plan
+    return {group.name: plans[group.name] for group in groups}

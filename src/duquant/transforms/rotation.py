@@ -33,16 +33,18 @@ def uniform_first_row_basis(n: int, dtype: torch.dtype = torch.float64) -> torch
 
 
 def _outlier_criterion(x: torch.Tensor, criterion: str) -> torch.Tensor:
+    """Per block of the batch x [B, T, n] -> [B]."""
     if criterion == "absmax":
-        return x.abs().amax()
-    return x.amax() - x.amin()  # "range": the reference code's max − min of signed values
+        return x.abs().amax(dim=(1, 2))
+    return x.amax(dim=(1, 2)) - x.amin(dim=(1, 2))  # "range": the reference code's max − min of signed values
 
 
-def _outlier_channel(x: torch.Tensor, exchange: str) -> int:
-    flat = int(x.abs().argmax())
-    row, col = divmod(flat, x.shape[1])
+def _outlier_channel(x: torch.Tensor, exchange: str) -> torch.Tensor:
+    """Channel to swap to position 0, per block of x [B, T, n] -> int64 [B] (on x's device)."""
+    n = x.shape[-1]
+    flat = x.abs().flatten(1).argmax(dim=1)
     # "row" reproduces the reference code, which swaps the channel at the row index mod n.
-    return col if exchange == "column" else row % x.shape[1]
+    return flat % n if exchange == "column" else (flat // n) % n
 
 
 @contextmanager
@@ -67,30 +69,57 @@ def greedy_rotation(
     criterion: str = "absmax",
 ) -> torch.Tensor:
     """Greedy rotation (n×n, float64) for the activation block `x` of shape [tokens, n]."""
-    with _one_cpu_thread(x.device):
-        return _greedy_rotation(x, steps, generator, exchange, criterion)
+    return greedy_rotations(x.unsqueeze(0), steps, [generator], exchange, criterion)[0]
 
 
-def _greedy_rotation(x, steps, generator, exchange, criterion) -> torch.Tensor:
-    n = x.shape[1]
-    work = x.to(torch.float32)
+def greedy_rotations(
+    xs: torch.Tensor,
+    steps: int,
+    generators: list[torch.Generator],
+    exchange: str = "column",
+    criterion: str = "absmax",
+) -> torch.Tensor:
+    """Independent greedy rotations of B blocks at once: xs [B, tokens, n] -> [B, n, n] float64.
+
+    Block b draws its random Q' from generators[b], so the result of each block does not
+    depend on the others. The loop is batched and never reads a value back to the host:
+    on a GPU it is a stream of small kernels (a LLaMA-2-7B layer fits 8 rotations of 256
+    steps; one at a time, with a host sync per step, that took longer than the math).
+    """
+    with _one_cpu_thread(xs.device):
+        return _greedy_rotations(xs, steps, generators, exchange, criterion)
+
+
+def _step_matrices(n: int, generators: list[torch.Generator], device: torch.device) -> torch.Tensor:
     # R̃·Q with Q = diag(1, Q'): one random Q' per fitted rotation, as in the reference code.
-    q = torch.eye(n, dtype=torch.float64)
-    q[1:, 1:] = random_orthogonal(n - 1, generator)
-    step_matrix = (uniform_first_row_basis(n) @ q).to(x.device)
-    total = torch.eye(n, dtype=torch.float64, device=x.device)
+    basis = uniform_first_row_basis(n)
+    mats = []
+    for generator in generators:
+        q = torch.eye(n, dtype=torch.float64)
+        q[1:, 1:] = random_orthogonal(n - 1, generator)
+        mats.append(basis @ q)
+    return torch.stack(mats).to(device)
+
+
+def _greedy_rotations(xs, steps, generators, exchange, criterion) -> torch.Tensor:
+    b, _, n = xs.shape
+    work = xs.to(torch.float32)
+    step_matrix = _step_matrices(n, generators, xs.device)  # [B, n, n]
+    total = torch.eye(n, dtype=torch.float64, device=xs.device).expand(b, n, n).clone()
     best, best_value = total.clone(), _outlier_criterion(work, criterion)
-    index = torch.arange(n, device=x.device)
+    index = torch.arange(n, device=xs.device).expand(b, n)
     for _ in range(steps):
-        d = _outlier_channel(work, exchange)
-        swap = index.clone()
-        swap[0], swap[d] = d, 0
-        step = step_matrix[swap][:, swap]  # E_d · R̃Q · E_d
-        work = work @ step.to(work.dtype)
-        total = total @ step
+        d = _outlier_channel(work, exchange).unsqueeze(1)  # [B, 1]
+        # E_d: the permutation that swaps positions 0 and d
+        swap = torch.where(index == 0, d, torch.where(index == d, 0, index))
+        step = step_matrix.gather(1, swap.unsqueeze(2).expand(b, n, n))
+        step = step.gather(2, swap.unsqueeze(1).expand(b, n, n))  # E_d · R̃Q · E_d
+        work = torch.bmm(work, step.to(work.dtype))
+        total = torch.bmm(total, step)
         value = _outlier_criterion(work, criterion)
-        if value < best_value:
-            best, best_value = total.clone(), value
+        better = value < best_value  # strict: on a tie the shorter prefix stays
+        best = torch.where(better.view(b, 1, 1), total, best)
+        best_value = torch.where(better, value, best_value)
     return best
 
 
@@ -105,6 +134,12 @@ def rotate_blocks(x: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
     return (block_view(x, n) @ rotation.to(x.dtype)).reshape(x.shape)
 
 
+def worst_block(x: torch.Tensor, block_size: int) -> torch.Tensor:
+    """The [tokens, n] block of activation x [tokens, C] holding the largest |x|."""
+    blocks = block_view(x, block_size)  # [T, K, n]
+    return blocks[:, int(blocks.abs().amax(dim=(0, 2)).argmax()), :]
+
+
 def fit_block_rotation(
     x: torch.Tensor,
     block_size: int,
@@ -114,9 +149,7 @@ def fit_block_rotation(
     criterion: str = "absmax",
 ) -> torch.Tensor:
     """Shared block rotation for activation `x` [tokens, C]: fitted on the block with the largest |x|."""
-    blocks = block_view(x, block_size)  # [T, K, n]
-    worst_block = int(blocks.abs().amax(dim=(0, 2)).argmax())
-    return greedy_rotation(blocks[:, worst_block, :], steps, generator, exchange, criterion)
+    return greedy_rotation(worst_block(x, block_size), steps, generator, exchange, criterion)
 
 
 def auto_block_size(channels: int, preferred: int = 128) -> int:
