@@ -94,3 +94,20 @@ def test_layers_without_a_kernel_stay_simulated(tokens):
     model = _quantized(tokens, method="rtn", abits=16)
     report = to_real_backend(model)
     assert not report["real"] and report["simulated"]
+
+
+def test_siblings_share_one_transform_per_activation(tokens, monkeypatch):
+    """q/k/v read one activation through one transform, and so do gate/up: the real mode
+    must quantize it once (4 transforms per LLaMA layer, not 7), also after a `.to()`."""
+    from duquant.kernels import ops
+
+    model = _quantized(tokens)
+    to_real_backend(model)
+    model.to(torch.float64).to(torch.float32)  # copies the shared factor tensors apart
+    calls = []
+    original = ops.transform_quantize
+    monkeypatch.setattr(ops, "transform_quantize", lambda *a, **k: calls.append(1) or original(*a, **k))
+    _logits(model, tokens[:1])
+    assert len(calls) == 4 * model.config.num_hidden_layers
+    attn = model.model.layers[0].self_attn
+    assert attn.q_proj.transform_id == attn.k_proj.transform_id == attn.v_proj.transform_id != attn.o_proj.transform_id

@@ -77,6 +77,8 @@ class RealQuantLinear(nn.Module):
         # The simulated layer this one was built from, unregistered (no second copy in
         # state_dict or .to()): `to_simulated_backend` puts it back, e.g. before saving.
         self.__dict__["source"] = layer
+        # Layers with the same transform_id apply the same transform (`share_sibling_transforms`).
+        self.transform_id = id(self)
         self._w8: torch.Tensor | None = None
         self._had: tuple[torch.device, torch.Tensor | None] | None = None
 
@@ -90,8 +92,7 @@ class RealQuantLinear(nn.Module):
         return w
 
     def _transform_key(self, x: torch.Tensor) -> tuple:
-        ids = tuple(None if t is None else t.data_ptr() for t in (self.rot1, self.perm, self.rot2))
-        return ids + (self.hadamard, self.act_bits, self.act_clip, self.act_symmetric, x._version)
+        return (self.transform_id, self.hadamard, self.act_bits, self.act_clip, self.act_symmetric, x._version)
 
     def _quantize_input(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         # q/k/v (and gate/up) read the same activation through the same transform: the
@@ -150,9 +151,42 @@ def to_simulated_backend(model: nn.Module) -> list[str]:
     return _swap(model, RealQuantLinear, lambda layer: layer.source)
 
 
+def share_sibling_transforms(model: nn.Module) -> int:
+    """Mark sibling RealQuantLinears with equal transform factors as one transform.
+
+    Each QuantLinear owns a copy of its group's factors (q/k/v, and gate/up, read one
+    activation through one transform); the quantized-input memo of `RealQuantLinear`
+    reuses codes only between layers with the same `transform_id`. Without this, every
+    linear ran its own transform (7 per LLaMA layer instead of 4). The siblings then also
+    hold the same factor tensors (until a `.to()` copies them apart, which the id
+    survives). Returns how many layers joined a sibling's transform."""
+    shared = 0
+    for parent in model.modules():
+        seen: list[RealQuantLinear] = []
+        for child in parent.children():
+            if not isinstance(child, RealQuantLinear):
+                continue
+            for other in seen:
+                if all(_same(getattr(child, n), getattr(other, n)) for n in ("rot1", "perm", "rot2")):
+                    for name in ("rot1", "perm", "rot2"):
+                        setattr(child, name, getattr(other, name))
+                    child.transform_id = other.transform_id
+                    shared += 1
+                    break
+            seen.append(child)
+    return shared
+
+
+def _same(a: torch.Tensor | None, b: torch.Tensor | None) -> bool:
+    if a is None or b is None:
+        return a is None and b is None
+    return a.shape == b.shape and a.dtype == b.dtype and a.device == b.device and bool(torch.equal(a, b))
+
+
 def to_real_backend(model: nn.Module, prefill_weight: str | None = None) -> dict[str, list[str]]:
     """Swap every `QuantLinear` of `model` that the kernels cover for a `RealQuantLinear`
     (in place). Returns {"real": [names], "simulated": [names kept simulated]}."""
     real = _swap(model, QuantLinear, lambda layer: RealQuantLinear(layer, prefill_weight) if supports_real(layer) else None)
+    share_sibling_transforms(model)
     simulated = [name for name, m in model.named_modules() if isinstance(m, QuantLinear)]
     return {"real": real, "simulated": simulated}
