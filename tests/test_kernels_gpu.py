@@ -103,6 +103,34 @@ def test_symmetric_activations(kernel: str, m: int, k: int) -> None:
     _check_codes(a, s, ar, sr, True)
 
 
+@pytest.mark.parametrize("kernel", ["one-launch", "three-launch", "hadamard"])
+@pytest.mark.parametrize("m, k", [(1, 576), (7, 1536), (33, 4096), (2048, 4096), (2048, 11008)])
+def test_fused_rms_norm(kernel: str, m: int, k: int) -> None:
+    """norm=InputNorm(w, eps) in the transform (x·w quantized, scale / rms(x)) against
+    RMSNorm then transform; twice in a row, so a Σx² scratch left dirty would show."""
+    from duquant.kernels import reference as ref
+    from duquant.kernels.norm import InputNorm, rms_norm_ref
+    from duquant.kernels.triton_hadamard import hadamard_quantize
+    from duquant.kernels.triton_transform import duquant_quantize
+    from duquant.transforms.hadamard import _base_matrix
+    x = (torch.randn(m, k, device="cuda") * (torch.rand(m, 1, device="cuda") * 30 + 0.1)).to(torch.bfloat16)
+    norm = InputNorm((torch.rand(k, device="cuda") + 0.5).to(torch.bfloat16), 1e-5)
+    xn = rms_norm_ref(x, norm)
+    for _ in range(2):
+        if kernel == "hadamard":
+            mm = HAD_M[k]
+            had_m = None if mm == 1 else _base_matrix(mm).to("cuda", torch.float32)
+            a, s = hadamard_quantize(x, had_m, 4, 0.9, torch.int8, False, norm=norm)
+            ar, sr = ref.hadamard_quantize_ref(xn, had_m, 4, 0.9)
+        else:
+            n = _block(k)
+            args = (_orthogonal(n), torch.randperm(k, device="cuda"), _orthogonal(n), None)
+            a, s = duquant_quantize(x, *args, 4, 0.9, torch.int8, False, fused=kernel == "one-launch", norm=norm)
+            ar, sr = ref.transform_quantize_ref(xn, *args, 4, 0.9)
+        torch.cuda.synchronize()
+        _check_codes(a, s, ar, sr, False)
+
+
 def test_one_launch_transform_repeats_and_replays() -> None:
     """The one-launch transform leaves its counters at zero: back-to-back calls of
     different sizes (44k programs at M = 32768, K = 11008) and CUDA-graph replays give the

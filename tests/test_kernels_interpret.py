@@ -187,3 +187,34 @@ def test_symmetric_activations_match_reference(kernel: str) -> None:
     assert -8 <= int(ar.min()) and int(ar.max()) <= 7
     assert int(ar.min()) == -8 or int(ar.max()) == 7  # the clipped abs-max reaches the end of the range
     assert torch.equal(a, ar) and float(((s - sr).abs() / sr).max()) < 1e-5
+
+
+@pytest.mark.parametrize("kernel, weighted", [("tiles", True), ("tiles", False), ("hadamard", True)])
+def test_fused_rms_norm_matches_norm_then_transform(kernel: str, weighted: bool) -> None:
+    """norm=InputNorm(w, eps): the kernel quantizes x·w·G and divides the scale by rms(x)
+    (per-token quantization ignores a per-token factor); the reference normalises first.
+    Same codes up to rare one-step flips, same scales; a second call gives the same result
+    (the kernel leaves its Σx² scratch zeroed)."""
+    from duquant.kernels import triton_transform as tt
+    from duquant.kernels.norm import InputNorm, rms_norm_ref
+    from duquant.kernels.triton_hadamard import hadamard_quantize
+    gen = torch.Generator().manual_seed(11)
+    m, k, n = 19, 192, 64
+    x = torch.randn(m, k, generator=gen) * (torch.rand(m, 1, generator=gen) * 50 + 0.1)  # rms differs per token
+    x[:, 7] *= 25
+    norm = InputNorm(torch.rand(k, generator=gen) + 0.5 if weighted else None, 1e-5)
+    if kernel == "hadamard":
+        from duquant.transforms.hadamard import _base_matrix
+        had_m = _base_matrix(12).float()
+        run = lambda: hadamard_quantize(x, had_m, 4, 0.9, torch.int8, True, norm=norm)  # noqa: E731
+        ar, sr = ref.hadamard_quantize_ref(rms_norm_ref(x, norm), had_m, 4, 0.9)
+    else:
+        args = (_orthogonal(n, gen), torch.randperm(k, generator=gen), _orthogonal(n, gen), None)
+        run = lambda: tt.duquant_quantize(x, *args, 4, 0.9, torch.int8, True, norm=norm)  # noqa: E731
+        ar, sr = ref.transform_quantize_ref(rms_norm_ref(x, norm), *args, 4, 0.9)
+    for _ in range(2):
+        a, s = run()
+        diff = (a.to(torch.int16) - ar.to(torch.int16)).abs()
+        assert int(diff.max()) <= 1 and float((diff > 0).float().mean()) < 1e-2
+        assert float(((s - sr).abs() / sr).max()) < 1e-4
+        assert not bool(tt._BUF[("sumsq", torch.float32, x.device)].any())

@@ -36,6 +36,7 @@ import torch
 import triton
 import triton.language as tl
 
+from duquant.kernels.norm import InputNorm
 from duquant.kernels.triton_quant import centered_codes, token_qparams
 
 
@@ -56,13 +57,21 @@ def _dot(a, b, PRECISE: tl.constexpr):
 
 @triton.jit
 def _rot1_store(x_ptr, smooth_ptr, r1, dest_ptr, vt_ptr, c, rm, store_ok, M, stride_xm, M_PAD,
+                norm_w_ptr, sumsq_ptr,
                 N1: tl.constexpr, HAS_SMOOTH: tl.constexpr, HAS_R1: tl.constexpr, HAS_DEST: tl.constexpr,
-                PRECISE: tl.constexpr):
-    """vT[dest[c·N1 + j], rm[i]] = ((x/smooth)[rm[i], block c] · R̂₁)[i, j]; r1 is the loaded R̂₁."""
+                PRECISE: tl.constexpr, HAS_NORM: tl.constexpr, NORM_W: tl.constexpr):
+    """vT[dest[c·N1 + j], rm[i]] = ((x·w/smooth)[rm[i], block c] · R̂₁)[i, j]; r1 is the loaded R̂₁.
+    HAS_NORM (a fused RMSNorm): also adds the block's Σx² of each token to sumsq, and
+    multiplies x by the norm weight w (NORM_W). The 1/rms factor itself is left out: it
+    scales a whole token row, which changes that token's scale, not its codes."""
     rn = tl.arange(0, N1)
     cols = c * N1 + rn
     h = tl.load(x_ptr + rm.to(tl.int64)[:, None] * stride_xm + cols[None, :], mask=(rm < M)[:, None], other=0.0)
     h = h.to(tl.float32)
+    if HAS_NORM:
+        tl.atomic_add(sumsq_ptr + rm, tl.sum(h * h, axis=1), mask=(rm >= 0) & store_ok, sem="relaxed")
+        if NORM_W:
+            h = h * tl.load(norm_w_ptr + cols).to(tl.float32)[None, :]
     if HAS_SMOOTH:
         h = tl.math.div_rn(h, tl.load(smooth_ptr + cols)[None, :])
     if HAS_R1:
@@ -130,10 +139,12 @@ def _arrive_and_wait(counter_ptr, target):
 @triton.jit
 def transform_quant_kernel(
     x_ptr, smooth_ptr, rot1_ptr, dest_ptr, vt_ptr, rot2t_ptr, srow_ptr, ocol_ptr, rowmin_ptr, rowmax_ptr, out_ptr,
-    scale_ptr, sync_ptr, M, stride_xm, M_PAD, NA, NB, P, stride_om, post_scale, clip, qmax,
+    scale_ptr, sync_ptr, norm_w_ptr, sumsq_ptr, rinv_ptr, M, stride_xm, M_PAD, NA, NB, P, stride_om, post_scale,
+    clip, qmax, inv_k, eps,
     N1: tl.constexpr, N2: tl.constexpr, KC: tl.constexpr, BLOCK_M: tl.constexpr, SUB: tl.constexpr,
     HAS_SMOOTH: tl.constexpr, HAS_R1: tl.constexpr, HAS_DEST: tl.constexpr, HAS_R2: tl.constexpr,
     HAS_MAP: tl.constexpr, PRECISE: tl.constexpr, STAGE: tl.constexpr, SYMMETRIC: tl.constexpr,
+    HAS_NORM: tl.constexpr, NORM_W: tl.constexpr,
 ):
     """One program = one block × one token group of SUB·BLOCK_M tokens (the rotation is
     read once per program and used for SUB token tiles; on the H100 SUB > 1 did not pay,
@@ -150,7 +161,11 @@ def transform_quant_kernel(
     soon as any earlier group ends: no deadlock while P programs fit on the GPU at once,
     which the host guarantees by launching this form only for P ≤ SMs. The last program
     of a group resets its counter and the last program of the launch the ticket, so the
-    next launch (or CUDA graph replay) finds zeros."""
+    next launch (or CUDA graph replay) finds zeros.
+    HAS_NORM fuses the RMSNorm that produces x: stage 1 sums x² per token into sumsq; the
+    block-0 program of stage 2 turns it into 1/rms (rinv) and zeroes sumsq again for the
+    next launch; stage 3 stores the token's scale times 1/rms. Codes are computed on the
+    unnormalised row (per-token quantization is invariant to a per-token factor)."""
     if STAGE == 0:
         ticket = tl.atomic_add(sync_ptr, 1)
         g = ticket // P
@@ -167,7 +182,7 @@ def transform_quant_kernel(
         for sub in range(SUB):
             rm = m0 + sub * BLOCK_M + tl.arange(0, BLOCK_M)
             _rot1_store(x_ptr, smooth_ptr, r1, dest_ptr, vt_ptr, ba, rm, b < NA, M, stride_xm, M_PAD,
-                        N1, HAS_SMOOTH, HAS_R1, HAS_DEST, PRECISE)
+                        norm_w_ptr, sumsq_ptr, N1, HAS_SMOOTH, HAS_R1, HAS_DEST, PRECISE, HAS_NORM, NORM_W)
             if b == 0:
                 tl.store(rowmin_ptr + rm, tl.full([BLOCK_M], float("inf"), tl.float32))
                 tl.store(rowmax_ptr + rm, tl.full([BLOCK_M], float("-inf"), tl.float32))
@@ -195,6 +210,11 @@ def transform_quant_kernel(
             b_ok = tl.full([BLOCK_M], 1, tl.int1) & (b < NB)
             tl.atomic_min(rowmin_ptr + rm, lo, mask=b_ok, sem="relaxed")
             tl.atomic_max(rowmax_ptr + rm, hi, mask=b_ok, sem="relaxed")
+            if HAS_NORM:
+                if b == 0:  # every stage-1 sum has landed (barrier or previous launch)
+                    ss = tl.load(sumsq_ptr + rm, cache_modifier=".cg")
+                    tl.store(rinv_ptr + rm, 1.0 / tl.sqrt(ss * inv_k + eps))
+                    tl.store(sumsq_ptr + rm, tl.zeros([BLOCK_M], tl.float32))
     if STAGE == 0:
         _arrive_and_wait(group_counter, 2 * P)
     if STAGE == 0 or STAGE == 3:
@@ -207,7 +227,10 @@ def transform_quant_kernel(
             scale, zero = token_qparams(row_min, row_max, clip, qmax, SYMMETRIC)
             m_ok = rm < M
             if b == 0:
-                tl.store(scale_ptr + rm, scale, mask=m_ok)
+                if HAS_NORM:
+                    tl.store(scale_ptr + rm, scale * tl.load(rinv_ptr + rm, cache_modifier=".cg"), mask=m_ok)
+                else:
+                    tl.store(scale_ptr + rm, scale, mask=m_ok)
             # centered_codes works on rows; here tokens are columns: transpose the tile once.
             a = centered_codes(tl.trans(y), scale, zero, qmax)  # [BLOCK_M, N2]
             ok = m_ok[:, None] & valid[None, :] & (b < NB)
@@ -234,15 +257,19 @@ def _buffer(name: str, numel: int, dtype: torch.dtype, device: torch.device) -> 
     return buf[:numel]
 
 
-def _sync_counters(tiles: int, device: torch.device) -> torch.Tensor:
-    """Zeroed int32 [2 + tiles] (ticket, done, one counter per token group) for the one-launch
-    path; every launch leaves it zeroed again, so it is allocated only when it must grow."""
-    key = ("sync", torch.int32, device)
+def _zeroed_buffer(name: str, numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Scratch that every launch leaves zeroed again (so it is zero-filled only when it grows)."""
+    key = (name, dtype, device)
     buf = _BUF.get(key)
-    if buf is None or buf.numel() < 2 + tiles:
-        buf = torch.zeros(2 + max(tiles, 64), dtype=torch.int32, device=device)
+    if buf is None or buf.numel() < numel:
+        buf = torch.zeros(max(numel, 64), dtype=dtype, device=device)
         _BUF[key] = buf
     return buf
+
+
+def _sync_counters(tiles: int, device: torch.device) -> torch.Tensor:
+    """Zeroed int32 [2 + tiles] (ticket, done, one counter per token group) for the one-launch path."""
+    return _zeroed_buffer("sync", 2 + tiles, torch.int32, device)
 
 
 def default_block_m(m: int) -> int:
@@ -307,9 +334,10 @@ def two_stage_quantize(x: torch.Tensor, n1: int, rot1: torch.Tensor | None, dest
                        smooth: torch.Tensor | None, post_scale: float, bits: int, clip: float,
                        out_dtype: torch.dtype, precise: bool, block_m: int | None = None,
                        warps: int | None = None, fused: bool | None = None,
-                       sub_tiles: int | None = None, symmetric: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+                       sub_tiles: int | None = None, symmetric: bool = False,
+                       norm: InputNorm | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Block rotation → shuffle → block rotation → per-token quantization (asymmetric, or
-    symmetric with z = 2^(b−1)).
+    symmetric with z = 2^(b−1)); with `norm`, of RMSNorm(x) (fused: see the kernel).
 
     x [M, K]; rot1 [n1, n1]; dest int32 [K] (scratch row of input channel c, None =
     identity); rot2t [n2, n2] = R̂₂ᵀ; srow/ocol int32 [NB·n2] (scratch row read and output
@@ -338,16 +366,20 @@ def two_stage_quantize(x: torch.Tensor, n1: int, rot1: torch.Tensor | None, dest
                          f"{_sm_count(x.device)} SMs (they must be resident at once); use fused=False")
     dummy = scale
     has_map = srow is not None
+    norm_w = None if norm is None or norm.weight is None else norm.weight.contiguous()
     args = (x2, smooth if smooth is not None else dummy, rot1 if rot1 is not None else dummy,
             dest if dest is not None else dummy, vt, rot2t if rot2t is not None else dummy,
             srow if has_map else dummy, ocol if has_map else dummy, row_range[:m_pad], row_range[m_pad:], out, scale,
             _sync_counters(groups, x.device) if fused else dummy,
+            norm_w if norm_w is not None else dummy,
+            _zeroed_buffer("sumsq", m_pad, torch.float32, x.device) if norm is not None else dummy,
+            _buffer("rinv", m_pad, torch.float32, x.device) if norm is not None else dummy,
             m, x2.stride(0), m_pad, na, nb, programs, out.stride(0), float(post_scale), float(clip),
-            float((1 << bits) - 1))
+            float((1 << bits) - 1), 1.0 / k, float(norm.eps) if norm is not None else 0.0)
     meta = dict(N1=n1, N2=n2, KC=n2 if n2 <= 128 else 64, BLOCK_M=bm, SUB=sub,
                 HAS_SMOOTH=smooth is not None, HAS_R1=rot1 is not None, HAS_DEST=dest is not None,
                 HAS_R2=rot2t is not None, HAS_MAP=has_map, PRECISE=precise, SYMMETRIC=symmetric,
-                num_warps=warps or 4)
+                HAS_NORM=norm is not None, NORM_W=norm_w is not None, num_warps=warps or 4)
     if fused:
         transform_quant_kernel[(groups * programs,)](*args, STAGE=0, **meta)
     else:
@@ -398,9 +430,10 @@ def duquant_quantize(x: torch.Tensor, rot1: torch.Tensor | None, perm: torch.Ten
                      rot2: torch.Tensor | None, smooth: torch.Tensor | None, bits: int = 4, clip: float = 0.9,
                      out_dtype: torch.dtype = torch.int8, precise: bool = False, block_m: int | None = None,
                      warps: int | None = None, fused: bool | None = None, sub_tiles: int | None = None,
-                     symmetric: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """DuQuant transform + quantize. x [..., K] -> (a [M, K] out_dtype, scale float32 [M])."""
+                     symmetric: bool = False, norm: InputNorm | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """DuQuant transform + quantize (of RMSNorm(x) with `norm`). x [..., K] -> (a [M, K]
+    out_dtype, scale float32 [M])."""
     n = rotation_block(x.shape[-1], rot1, rot2)
     f = prepared_factors(rot1, perm, rot2, smooth, precise)
     return two_stage_quantize(x, n, f.rot1, f.dest, n, f.rot2_t, None, None, f.smooth, 1.0, bits, clip, out_dtype,
-                              precise, block_m, warps, fused, sub_tiles, symmetric)
+                              precise, block_m, warps, fused, sub_tiles, symmetric, norm)

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from ..kernels import ops
+from ..kernels.norm import InputNorm, rms_norm_ref
 from ..kernels.weight import PackedWeight
 from .qlinear import QuantLinear
 
@@ -91,8 +92,13 @@ class RealQuantLinear(nn.Module):
             w.w8 = self._w8
         return w
 
+    def _input_norm(self) -> InputNorm | None:
+        deferred = self.__dict__.get("input_norm")  # set by modeling.fused_norm.fuse_norms
+        return None if deferred is None else deferred.spec()
+
     def _transform_key(self, x: torch.Tensor) -> tuple:
-        return (self.transform_id, self.hadamard, self.act_bits, self.act_clip, self.act_symmetric, x._version)
+        return (self.transform_id, id(self.__dict__.get("input_norm")), self.hadamard, self.act_bits, self.act_clip,
+                self.act_symmetric, x._version)
 
     def _quantize_input(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         # q/k/v (and gate/up) read the same activation through the same transform: the
@@ -107,14 +113,18 @@ class RealQuantLinear(nn.Module):
         return value
 
     def _quantize_input_uncached(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        norm = self._input_norm()
         if self.hadamard:
             if self.rot1 is not None or self.perm is not None or self.rot2 is not None:
+                x = x if norm is None else rms_norm_ref(x, norm)
+                norm = None
                 x = self._transform._apply_factors(x.to(torch.float32), torch.float32)
             if self._had is None or self._had[0] != x.device:
                 self._had = (x.device, _hadamard_base(self.in_features, x.device))
-            return ops.hadamard_quantize(x, self._had[1], self.act_bits, self.act_clip, symmetric=self.act_symmetric)
+            return ops.hadamard_quantize(x, self._had[1], self.act_bits, self.act_clip, symmetric=self.act_symmetric,
+                                         norm=norm)
         return ops.transform_quantize(x, self.rot1, self.perm, self.rot2, None, self.act_bits, self.act_clip,
-                                      symmetric=self.act_symmetric)
+                                      symmetric=self.act_symmetric, norm=norm)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
@@ -148,6 +158,9 @@ def to_simulated_backend(model: nn.Module) -> list[str]:
     """Undo `to_real_backend` in place (each RealQuantLinear back to its QuantLinear, with
     the buffers they share). Call it before `model.to(...)` moves the real layers: a move
     gives them new tensors and the simulated layers keep the old ones."""
+    from .fused_norm import unfuse_norms
+
+    unfuse_norms(model)
     return _swap(model, RealQuantLinear, lambda layer: layer.source)
 
 
@@ -183,10 +196,18 @@ def _same(a: torch.Tensor | None, b: torch.Tensor | None) -> bool:
     return a.shape == b.shape and a.dtype == b.dtype and a.device == b.device and bool(torch.equal(a, b))
 
 
-def to_real_backend(model: nn.Module, prefill_weight: str | None = None) -> dict[str, list[str]]:
+def to_real_backend(model: nn.Module, prefill_weight: str | None = None,
+                    fuse_norms: bool = False) -> dict[str, list[str]]:
     """Swap every `QuantLinear` of `model` that the kernels cover for a `RealQuantLinear`
-    (in place). Returns {"real": [names], "simulated": [names kept simulated]}."""
+    (in place); fuse_norms: also fold the RMSNorms in front of them into their transform
+    kernels (`modeling.fused_norm`). Returns {"real": [names], "simulated": [names kept
+    simulated], "fused_norms": [names]}."""
     real = _swap(model, QuantLinear, lambda layer: RealQuantLinear(layer, prefill_weight) if supports_real(layer) else None)
     share_sibling_transforms(model)
+    fused: list[str] = []
+    if fuse_norms:
+        from .fused_norm import fuse_norms as fuse
+
+        fused = fuse(model)
     simulated = [name for name, m in model.named_modules() if isinstance(m, QuantLinear)]
-    return {"real": real, "simulated": simulated}
+    return {"real": real, "simulated": simulated, "fused_norms": fused}

@@ -1,0 +1,29 @@
+"""The RMSNorm that a transform kernel can absorb (`InputNorm`), and its reference.
+
+A LLaMA decoder layer normalises the residual stream x before q/k/v and before gate/up:
+RMSNorm(x) = w · x / rms(x), rms(x) = sqrt(mean(x²) + eps) per token. Each of those
+activations is then quantized per token, and per-token quantization does not care about a
+positive per-token factor: quantizing x·w·G gives the same codes as quantizing
+RMSNorm(x)·G, with the token's scale multiplied by rms(x). So the transform kernel can
+read x itself, sum x² on the way, and divide the scale by rms at the end: the norm's own
+kernels (and their passes over the activation) disappear from the W4A4 layer.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+
+class InputNorm(NamedTuple):
+    """An RMSNorm in front of a quantized linear: weight [K] (None: no weight) and eps."""
+
+    weight: torch.Tensor | None
+    eps: float
+
+
+def rms_norm_ref(x: torch.Tensor, norm: InputNorm) -> torch.Tensor:
+    """transformers' LlamaRMSNorm: normalise in float32, cast back, then multiply by w."""
+    xf = x.to(torch.float32)
+    y = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + norm.eps)).to(x.dtype)
+    return y if norm.weight is None else norm.weight.to(x.dtype) * y
