@@ -11,7 +11,7 @@ import torch
 
 from duquant.bench import breakdown as bd
 from duquant.bench import build_parser, main
-from duquant.bench.layer import (build_variant, cache_write_counters, decode_inputs, decode_step_fn, fill_static_cache,
+from duquant.bench.layer import (DEFAULT_VARIANTS, build_variant, cache_write_counters, decode_inputs, decode_step_fn, fill_static_cache,
                                  linear_weight_bytes, measure_decode, measure_prefill, run_layer_bench)
 
 CPU = torch.device("cpu")
@@ -113,7 +113,22 @@ def test_decode_step_is_the_same_step_every_time(e2e):
             torch.testing.assert_close(first, full[:, -1:], rtol=0, atol=2e-2)
 
 
-@pytest.mark.parametrize("variant", ["bf16", "w4a4"])
+def test_w4a4_variants_share_transforms_and_fuse_norms():
+    """make_w4a4: q/k/v (and gate/up) share one transform_id, so each activation is
+    quantized once; the _fused variants replace both norms of every layer."""
+    from duquant.modeling.fused_norm import DeferredRMSNorm
+
+    for variant, fused in (("w4a4", False), ("w4a4_fused", True)):
+        model = build_variant(tiny_llama(layers=2), variant, CPU)
+        for layer in model.model.layers:
+            attn, mlp = layer.self_attn, layer.mlp
+            assert attn.q_proj.transform_id == attn.k_proj.transform_id == attn.v_proj.transform_id
+            assert mlp.gate_proj.transform_id == mlp.up_proj.transform_id != attn.q_proj.transform_id
+            assert isinstance(layer.input_layernorm, DeferredRMSNorm) is fused
+            assert isinstance(layer.post_attention_layernorm, DeferredRMSNorm) is fused
+
+
+@pytest.mark.parametrize("variant", ["bf16", "w4a4", "w4a4_fused"])
 def test_prefill_and_decode_measurements_run_on_cpu(variant):
     model = build_variant(tiny_llama(), variant, CPU)
     p = measure_prefill(model, 2, 16, False, CPU, reps=1, warmup=1)
@@ -128,7 +143,8 @@ def test_run_layer_bench_writes_json_and_markdown(level, tmp_path):
     run_layer_bench(level, [1], [1], out_json=str(out_json), out_md=str(out_md), device="cpu",
                     config=tiny_llama(layers=1 if level == "layer" else 2), seq=16, reps=1, decode_steps=2)
     payload = json.loads(out_json.read_text())
-    variants = ["bf16", "w4a4", "w4a4_fp8w"] if level == "layer" else ["bf16", "w4a4"]
+    variants = DEFAULT_VARIANTS[level]
+    assert "bf16" in variants and any(v.endswith("_fused") for v in variants)
     assert list(payload["results"]) == variants and payload["errors"] == []
     for r in payload["results"].values():
         assert set(r["prefill"]) == {"1"} and set(r["decode"]) == {"1"} and r["linear_weight_bytes"] > 0

@@ -25,8 +25,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batches", type=int, nargs="*", default=None, help="layer/e2e: prefill batch sizes")
     p.add_argument("--decode-batches", type=int, nargs="*", default=None,
                    help="layer/e2e: decode batch sizes (0: no decode)")
-    p.add_argument("--variants", nargs="*", default=None, choices=["bf16", "w4a4", "w4a4_fp8w"],
-                   help="layer/e2e: variants (default layer: all three, e2e: bf16 w4a4)")
+    p.add_argument("--variants", nargs="*", default=None, choices=["bf16", "w4a4", "w4a4_fp8w", "w4a4_fused", "w4a4_fp8w_fused"],
+                   help="layer/e2e: variants (default layer: bf16 w4a4 w4a4_fp8w w4a4_fp8w_fused, "
+                        "e2e: bf16 w4a4 w4a4_fused)")
     p.add_argument("--layers", type=int, default=None,
                    help="e2e/quantize: decoder layers (default 32, as LLaMA-2-7B; the layer level uses 1)")
     p.add_argument("--nsamples", type=int, default=128, help="quantize: calibration sequences of 2048 tokens")
