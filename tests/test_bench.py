@@ -200,6 +200,7 @@ def test_layer_bench_on_cuda_uses_a_graph_and_profiles(tmp_path):
     assert payload["errors"] == [], payload["errors"]
     for r in payload["results"].values():
         assert all(d["mode"] == "cuda-graph" for d in r["decode"].values()), r["decode"]
+        assert r["prefill_graph"]["1"]["ms"] > 0, r.get("prefill_graph")
         assert r["breakdown_prefill_b1"]["total_us"] > 0
     assert payload["results"]["w4a4"]["breakdown_prefill_b1"]["us"][bd.TRANSFORM] > 0
 

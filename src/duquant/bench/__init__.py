@@ -32,6 +32,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="e2e/quantize: decoder layers (default 32, as LLaMA-2-7B; the layer level uses 1)")
     p.add_argument("--nsamples", type=int, default=128, help="quantize: calibration sequences of 2048 tokens")
     p.add_argument("--no-profile", action="store_true", help="layer: skip the kernel-time breakdown")
+    p.add_argument("--no-graph-prefill", action="store_true",
+                   help="layer/e2e: skip the CUDA-graph prefill timings (eager prefill only)")
     p.add_argument("--out-json", default=None)
     p.add_argument("--out-md", default=None)
     return p
@@ -53,5 +55,6 @@ def main(argv: list[str] | None = None) -> int:
     else:
         from duquant.bench.layer import run_layer_bench
         run_layer_bench(args.level, args.batches, args.decode_batches, args.layers, args.out_json, args.out_md,
-                        variants=args.variants, profile=not args.no_profile)
+                        variants=args.variants, profile=not args.no_profile,
+                        graph_prefill=not args.no_graph_prefill)
     return 0

@@ -192,6 +192,20 @@ def measure_prefill(model: nn.Module, batch: int, seq: int, e2e: bool, device: t
             "reps": reps, "warmup": warmup}
 
 
+def measure_prefill_graph(model: nn.Module, batch: int, seq: int, e2e: bool, device: torch.device, reps: int = 10,
+                          warmup: int = 3) -> dict[str, object]:
+    """The same forward recorded in a CUDA graph and timed over replays: the GPU time of a
+    prefill without the host's launch overhead (what a server that captures its prefill
+    shapes sees; eager prefill at batch 1 is host-bound on the H100 machine). CUDA only."""
+    fn = prefill_fn(model, batch, seq, e2e, device)
+    _release(device)
+    with torch.no_grad():
+        replay = capture_graph(fn)
+        ms = median_ms(replay, device, reps, warmup)
+    return {"ms": ms, "tokens_per_s": batch * seq / ms * 1e3, "peak_bytes": peak_memory_bytes(device),
+            "reps": reps, "warmup": warmup, "mode": "cuda-graph"}
+
+
 # --- decode ----------------------------------------------------------------------------
 
 def _positions(start: int, length: int, device: torch.device) -> torch.Tensor:
@@ -325,7 +339,7 @@ def _attempt(what: str, errors: list[str], fn: Callable[[], dict], device: torch
 
 def bench_variant(config, variant: str, level: str, batches: list[int], decode_batches: list[int],
                   device: torch.device, seq: int, reps: int, decode_steps: int, profile: bool,
-                  errors: list[str]) -> dict[str, object]:
+                  errors: list[str], graph_prefill: bool = True) -> dict[str, object]:
     e2e = level == "e2e"
     model = build_variant(config, variant, device)
     synchronize(device)
@@ -338,6 +352,12 @@ def bench_variant(config, variant: str, level: str, batches: list[int], decode_b
         if m is not None:
             r["prefill"][str(b)] = m
             print(f"{variant} prefill b={b}: {m['ms']:.3f} ms, peak {_gib(m['peak_bytes'])} GiB", flush=True)
+        if graph_prefill and device.type == "cuda":
+            g = _attempt(f"{variant} prefill (CUDA graph) b={b}", errors,
+                         lambda b=b, n=b_reps: measure_prefill_graph(model, b, seq, e2e, device, reps=n), device)
+            if g is not None:
+                r.setdefault("prefill_graph", {})[str(b)] = g
+                print(f"{variant} prefill b={b} (CUDA graph): {g['ms']:.3f} ms", flush=True)
     if profile and device.type == "cuda":
         r["breakdown_prefill_b1"] = _attempt(f"{variant} profile", errors,
                                              lambda: profile_prefill(model, seq, e2e, device), device)
@@ -356,11 +376,13 @@ def bench_variant(config, variant: str, level: str, batches: list[int], decode_b
 def run_layer_bench(level: str, batches: list[int] | None = None, decode_batches: list[int] | None = None,
                     layers: int | None = None, out_json: str | None = None, out_md: str | None = None, *,
                     variants: list[str] | None = None, device: str | torch.device = "cuda", config=None,
-                    seq: int = SEQ, reps: int = 10, decode_steps: int = 20, profile: bool = True) -> dict:
+                    seq: int = SEQ, reps: int = 10, decode_steps: int = 20, profile: bool = True,
+                    graph_prefill: bool = True) -> dict:
     """Benchmark `level` ("layer" or "e2e"); prints and writes the markdown table and JSON.
 
     config: a LlamaConfig (default: LLaMA-2-7B shapes with `layers` layers: 1 for "layer",
-    32 for "e2e"); decode_batches: values ≤ 0 are dropped ("--decode-batches 0": no decode).
+    32 for "e2e"); decode_batches: values ≤ 0 are dropped ("--decode-batches 0": no decode);
+    graph_prefill: on CUDA, also time each prefill as a CUDA-graph replay (phase "prefill_graph").
     """
     if level not in DEFAULT_VARIANTS:
         raise ValueError(f"level must be 'layer' or 'e2e', got {level!r}")
@@ -380,7 +402,7 @@ def run_layer_bench(level: str, batches: list[int] | None = None, decode_batches
     errors: list[str] = []
     for variant in variants:
         results[variant] = bench_variant(config, variant, level, batches, decode_batches, device, seq, reps,
-                                         decode_steps, profile and not e2e, errors)
+                                         decode_steps, profile and not e2e, errors, graph_prefill)
         # partial results survive a timeout
         write_results({"meta": meta, "results": results, "errors": errors, "partial": True}, "", out_json, None)
     md = markdown(meta, results, errors)
@@ -427,11 +449,14 @@ def markdown(meta: dict, res: dict[str, dict], errors: list[str] | None = None) 
              f"Prefill: batch × {meta['seq']} tokens without KV cache; ms = median of `reps` timed forwards after "
              f"{meta['prefill_warmup']} warm-up forwards. Decode: ms per step (one new token per sequence, static KV "
              f"cache of {meta['seq']} tokens); ms = median of `reps` timings of {meta['decode_steps']} back-to-back "
-             "steps after warm-up; mode says whether a step was a CUDA-graph replay. Times from CUDA events (wall "
+             "steps after warm-up; mode says whether a step was a CUDA-graph replay. prefill_graph: the same prefill "
+             "recorded once in a CUDA graph and replayed (GPU time without host launch overhead, both variants). "
+             "Times from CUDA events (wall "
              "clock on the CPU). Peak: max allocated device memory during the measurement.", "",
              "| phase | batch | variant | ms | vs BF16 | tokens/s | peak GiB | reps | mode |",
              "|---|---|---|---|---|---|---|---|---|"]
-    lines += _measurement_rows(res, "prefill") + _measurement_rows(res, "decode")
+    lines += (_measurement_rows(res, "prefill") + _measurement_rows(res, "prefill_graph")
+              + _measurement_rows(res, "decode"))
     lines += ["", "| variant | decoder linear weights MiB | BF16 / this | resident after build GiB |",
               "|---|---|---|---|"]
     bf16_bytes = res.get("bf16", {}).get("linear_weight_bytes")
