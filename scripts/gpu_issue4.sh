@@ -4,8 +4,9 @@
 #   parity     transform/rows/symmetric/real-backend/bench GPU tests, then the transform timing table
 #   kernel     duquant bench --level kernel (decode sizes, with the dp4a GEMV sweep; then prefill sizes)
 #   quantize   duquant bench --level quantize (DuQuant on the LLaMA-2-7B-shaped model)
-#   layer      duquant bench --level layer, with the tiles and with the rows transform kernel
-#   e2e        duquant bench --level e2e, with the tiles and with the rows transform kernel
+#   layer      duquant bench --level layer (bf16, w4a4, w4a4_fp8w, w4a4_fp8w_fused; eager and CUDA-graph prefill)
+#   e2e        duquant bench --level e2e (bf16, w4a4, w4a4_fused)
+#   rows       duquant bench --level layer --variants bf16 w4a4_fp8w with the rows transform kernel
 # Results land in $OUT as JSON + markdown (+ logs); copy them to results/ with the command line.
 set -uo pipefail
 OUT=${OUT:-out}
@@ -16,7 +17,7 @@ nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,temperature.gpu --format=csv,no
 case "${1:-}" in
   parity)
     timeout 330 python3 -m pytest -q -p no:cacheprovider -rf --tb=short \
-      -k "transform or repeats or symmetric or real_quant or cuda" tests/test_kernels_gpu.py tests/test_bench.py \
+      -k "transform or repeats or symmetric or real_quant or cuda or fused" tests/test_kernels_gpu.py tests/test_bench.py \
       > "$OUT/pytest.log" 2>&1
     echo "pytest rc=$?"; grep -E "passed|failed|^FAILED|^E  " "$OUT/pytest.log" | head -30
     timeout 220 python3 scripts/transform_timing.py --out-json "$OUT/transform.json" --ms 1 16 2048 8192 32768 | tail -14
@@ -32,13 +33,15 @@ case "${1:-}" in
       > "$OUT/quantize.log" 2>&1; tail -30 "$OUT/quantize.md"
     ;;
   layer|e2e)
-    timeout 280 "${bench[@]}" --level "$1" --out-json "$OUT/$1.json" --out-md "$OUT/$1.md" > "$OUT/$1.log" 2>&1
+    timeout 560 "${bench[@]}" --level "$1" --out-json "$OUT/$1.json" --out-md "$OUT/$1.md" > "$OUT/$1.log" 2>&1
     grep -E "^\| (prefill|decode)" "$OUT/$1.md"
-    DUQUANT_TRANSFORM_KERNEL=rows timeout 280 "${bench[@]}" --level "$1" --variants w4a4 --out-json "$OUT/$1_rows.json" \
-      --out-md "$OUT/$1_rows.md" > "$OUT/$1_rows.log" 2>&1
-    grep -E "^\| (prefill|decode)" "$OUT/$1_rows.md"
+    ;;
+  rows)
+    DUQUANT_TRANSFORM_KERNEL=rows timeout 560 "${bench[@]}" --level layer --variants bf16 w4a4_fp8w \
+      --out-json "$OUT/layer_rows.json" --out-md "$OUT/layer_rows.md" > "$OUT/layer_rows.log" 2>&1
+    grep -E "^\| (prefill|decode)" "$OUT/layer_rows.md"
     ;;
   *)
-    echo "usage: OUT=\$OUT bash scripts/gpu_issue4.sh {parity|kernel|quantize|layer|e2e}"; exit 2
+    echo "usage: OUT=\$OUT bash scripts/gpu_issue4.sh {parity|kernel|quantize|layer|e2e|rows}"; exit 2
     ;;
 esac

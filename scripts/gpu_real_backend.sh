@@ -20,14 +20,17 @@ for backend in simulated real; do
 done
 python3 -m duquant.cli eval "$q" --ppl wikitext2 --backend real --prefill-weight fp8 --quiet \
   --json "$OUT/eval_real_fp8w.json" 2>&1 | tail -3
+python3 -m duquant.cli eval "$q" --ppl wikitext2,c4 --backend real --fuse-norms --quiet \
+  --json "$OUT/eval_real_fused.json" 2>&1 | tail -3
 python3 -m duquant.cli generate "$q" --backend real --chat --max-new-tokens 40 \
   --prompt "What is the capital of France?" 2>&1 | tail -3
 python3 - "$OUT" <<'PY'
 import json, sys
 out = sys.argv[1]
-sim, real = (json.load(open(f"{out}/eval_{b}.json"))["results"] for b in ("simulated", "real"))
+sim, real, fused = (json.load(open(f"{out}/eval_{b}.json"))["results"] for b in ("simulated", "real", "real_fused"))
 for name in sim:
-    s, r = sim[name]["ppl"], real[name]["ppl"]
-    print(f"{name}: simulated {s:.3f}  real {r:.3f}  diff {100 * (r - s) / s:+.3f}%  "
-          f"(eval s: {sim[name]['seconds']} vs {real[name]['seconds']})")
+    s, r, f = sim[name]["ppl"], real[name]["ppl"], fused[name]["ppl"]
+    print(f"{name}: simulated {s:.3f}  real {r:.3f} ({100 * (r - s) / s:+.3f}%)  real+fused norms {f:.3f} "
+          f"({100 * (f - s) / s:+.3f}%)  (eval s: {sim[name]['seconds']} / {real[name]['seconds']} / "
+          f"{fused[name]['seconds']})")
 PY
