@@ -20,7 +20,7 @@ for backend in simulated real; do
 done
 python3 -m duquant.cli eval "$q" --ppl wikitext2 --backend real --prefill-weight fp8 --quiet \
   --json "$OUT/eval_real_fp8w.json" 2>&1 | tail -3
-python3 -m duquant.cli eval "$q" --ppl wikitext2,c4 --backend real --fuse-norms --quiet \
+python3 -m duquant.cli eval "$q" --ppl wikitext2,c4 --backend real --fuse --quiet \
   --json "$OUT/eval_real_fused.json" 2>&1 | tail -3
 python3 -m duquant.cli generate "$q" --backend real --chat --max-new-tokens 40 \
   --prompt "What is the capital of France?" 2>&1 | tail -3

@@ -50,13 +50,16 @@ def compile_sm90(fn, pointers: dict[str, str], constexprs: dict[str, object], wa
     return f"regs {regs}, stack {stack}, smem {smem} B{flag}"
 
 
-def tiles(n: int, block_m: int, stage: int, precise: bool, warps: int = 4, norm: bool = False) -> str:
+def tiles(n: int, block_m: int, stage: int, precise: bool, warps: int = 4, norm: bool = False,
+          gated: bool = False) -> str:
     ptr = {"x_ptr": "*bf16", "smooth_ptr": "*fp32", "rot1_ptr": "*fp32" if precise else "*bf16", "dest_ptr": "*i32",
            "vt_ptr": "*fp32" if precise else "*bf16", "rot2t_ptr": "*fp32" if precise else "*bf16", "srow_ptr": "*i32",
            "ocol_ptr": "*i32", "rowmin_ptr": "*fp32", "rowmax_ptr": "*fp32", "out_ptr": "*fp8e4nv",
-           "scale_ptr": "*fp32", "sync_ptr": "*i32", "norm_w_ptr": "*bf16", "sumsq_ptr": "*fp32", "rinv_ptr": "*fp32"}
+           "scale_ptr": "*fp32", "sync_ptr": "*i32", "norm_w_ptr": "*bf16", "sumsq_ptr": "*fp32", "rinv_ptr": "*fp32",
+           "up_ptr": "*bf16"}
     const = dict(N1=n, N2=n, KC=n, BLOCK_M=block_m, SUB=1, HAS_SMOOTH=not norm, HAS_R1=True, HAS_DEST=True,
-                 HAS_R2=True, HAS_MAP=False, PRECISE=precise, STAGE=stage, SYMMETRIC=False, HAS_NORM=norm, NORM_W=norm)
+                 HAS_R2=True, HAS_MAP=False, PRECISE=precise, STAGE=stage, SYMMETRIC=False, HAS_NORM=norm, NORM_W=norm,
+                 GATED=gated)
     return compile_sm90(transform_quant_kernel, ptr, const, warps, ("post_scale", "clip", "qmax", "inv_k", "eps"))
 
 
@@ -77,6 +80,8 @@ def main() -> None:
             print(f"tiles n=128 BLOCK_M=64 stage={stage} precise={precise}: {tiles(128, 64, stage, precise)}", flush=True)
     for stage in (0, 1, 2, 3):  # with the RMSNorm fused (kernels.norm), fast mode
         print(f"tiles+norm n=128 BLOCK_M=64 stage={stage}: {tiles(128, 64, stage, False, norm=True)}", flush=True)
+    for stage in (0, 1):  # with SwiGLU fused (stage 1 reads gate and up)
+        print(f"tiles+swiglu n=128 BLOCK_M=64 stage={stage}: {tiles(128, 64, stage, False, gated=True)}", flush=True)
     for k, n in ((4096, 128), (11008, 128), (1536, 128), (576, 64)):
         for precise in (False, True):
             print(f"rows K={k} n={n} precise={precise}: {rows(k, n, precise)}", flush=True)

@@ -115,17 +115,18 @@ def test_decode_step_is_the_same_step_every_time(e2e):
 
 def test_w4a4_variants_share_transforms_and_fuse_norms():
     """make_w4a4: q/k/v (and gate/up) share one transform_id, so each activation is
-    quantized once; the _fused variants replace both norms of every layer."""
-    from duquant.modeling.fused_norm import DeferredRMSNorm
+    quantized once; the _fused variants replace both norms and the MLP of every layer."""
+    from duquant.modeling.fusion import DeferredRMSNorm, FusedSwiGLU
 
     for variant, fused in (("w4a4", False), ("w4a4_fused", True)):
         model = build_variant(tiny_llama(layers=2), variant, CPU)
         for layer in model.model.layers:
-            attn, mlp = layer.self_attn, layer.mlp
+            attn, mlp = layer.self_attn, getattr(layer.mlp, "mlp", layer.mlp)  # FusedSwiGLU holds the MLP
             assert attn.q_proj.transform_id == attn.k_proj.transform_id == attn.v_proj.transform_id
             assert mlp.gate_proj.transform_id == mlp.up_proj.transform_id != attn.q_proj.transform_id
             assert isinstance(layer.input_layernorm, DeferredRMSNorm) is fused
             assert isinstance(layer.post_attention_layernorm, DeferredRMSNorm) is fused
+            assert isinstance(layer.mlp, FusedSwiGLU) is fused
 
 
 @pytest.mark.parametrize("variant", ["bf16", "w4a4", "w4a4_fused"])

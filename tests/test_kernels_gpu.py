@@ -131,6 +131,32 @@ def test_fused_rms_norm(kernel: str, m: int, k: int) -> None:
         _check_codes(a, s, ar, sr, False)
 
 
+@pytest.mark.parametrize("kernel", ["one-launch", "three-launch", "hadamard"])
+@pytest.mark.parametrize("m, k", [(1, 1536), (33, 11008), (2048, 11008)])
+def test_fused_swiglu(kernel: str, m: int, k: int) -> None:
+    """up=...: silu(gate)·up formed in the transform kernel, against forming it in bf16 first."""
+    from duquant.kernels import reference as ref
+    from duquant.kernels.norm import swiglu_ref
+    from duquant.kernels.triton_hadamard import hadamard_quantize
+    from duquant.kernels.triton_transform import duquant_quantize
+    from duquant.transforms.hadamard import _base_matrix
+    gate = (torch.randn(m, k, device="cuda") * 2).to(torch.bfloat16)
+    up = torch.randn(m, k, device="cuda").to(torch.bfloat16)
+    h = swiglu_ref(gate.float(), up.float())  # float32, as the kernel forms it
+    if kernel == "hadamard":
+        mm = HAD_M[k]
+        had_m = None if mm == 1 else _base_matrix(mm).to("cuda", torch.float32)
+        a, s = hadamard_quantize(gate, had_m, 4, 0.9, torch.int8, False, up=up)
+        ar, sr = ref.hadamard_quantize_ref(h, had_m, 4, 0.9)
+    else:
+        n = _block(k)
+        args = (_orthogonal(n), torch.randperm(k, device="cuda"), _orthogonal(n), None)
+        a, s = duquant_quantize(gate, *args, 4, 0.9, torch.int8, False, fused=kernel == "one-launch", up=up)
+        ar, sr = ref.transform_quantize_ref(h, *args, 4, 0.9)
+    torch.cuda.synchronize()
+    _check_codes(a, s, ar, sr, False)
+
+
 def test_one_launch_transform_repeats_and_replays() -> None:
     """The one-launch transform leaves its counters at zero: back-to-back calls of
     different sizes (44k programs at M = 32768, K = 11008) and CUDA-graph replays give the

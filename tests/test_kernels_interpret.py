@@ -218,3 +218,28 @@ def test_fused_rms_norm_matches_norm_then_transform(kernel: str, weighted: bool)
         assert int(diff.max()) <= 1 and float((diff > 0).float().mean()) < 1e-2
         assert float(((s - sr).abs() / sr).max()) < 1e-4
         assert not bool(tt._BUF[("sumsq", torch.float32, x.device)].any())
+
+
+@pytest.mark.parametrize("kernel", ["tiles", "hadamard"])
+def test_fused_swiglu_matches_silu_times_up_then_transform(kernel: str) -> None:
+    """up=...: the kernel transforms silu(x)·up (x the gate projection) formed in float32;
+    the reference forms it in the inputs' dtype (float32 here, so the same numbers)."""
+    from duquant.kernels.norm import swiglu_ref
+    from duquant.kernels.triton_hadamard import hadamard_quantize
+    from duquant.kernels.triton_transform import duquant_quantize
+    from duquant.transforms.hadamard import _base_matrix
+    gen = torch.Generator().manual_seed(5)
+    m, k, n = 13, 192, 64
+    gate, up = torch.randn(m, k, generator=gen) * 3, torch.randn(m, k, generator=gen)
+    up[:, 9] *= 40
+    if kernel == "hadamard":
+        had_m = _base_matrix(12).float()
+        a, s = hadamard_quantize(gate, had_m, 4, 0.9, torch.int8, True, up=up)
+        ar, sr = ref.hadamard_quantize_ref(swiglu_ref(gate, up), had_m, 4, 0.9)
+    else:
+        args = (_orthogonal(n, gen), torch.randperm(k, generator=gen), _orthogonal(n, gen), None)
+        a, s = duquant_quantize(gate, *args, 4, 0.9, torch.int8, True, up=up)
+        ar, sr = ref.transform_quantize_ref(swiglu_ref(gate, up), *args, 4, 0.9)
+    diff = (a.to(torch.int16) - ar.to(torch.int16)).abs()
+    assert int(diff.max()) <= 1 and float((diff > 0).float().mean()) < 1e-2
+    assert float(((s - sr).abs() / sr).max()) < 1e-4

@@ -114,31 +114,32 @@ def test_siblings_share_one_transform_per_activation(tokens, monkeypatch):
 
 
 @pytest.mark.parametrize("method", ["duquant", "quarot"])
-def test_fused_norms_keep_the_logits_and_unfuse_cleanly(tokens, method):
-    """fuse_norms: the RMSNorms in front of q/k/v and gate/up become pass-throughs and their
-    consumers normalise inside the transform. On CPU the reference path normalises exactly
-    as transformers does, so the logits are the unfused real backend's; unfusing gives the
-    original modules and state_dict back."""
-    from duquant.modeling.fused_norm import DeferredRMSNorm
+def test_fusion_keeps_the_logits_and_unfuses_cleanly(tokens, method):
+    """fuse=True: the RMSNorms in front of q/k/v and gate/up become pass-throughs and their
+    consumers normalise inside the transform; down_proj forms silu(gate)·up in its own. On
+    CPU the reference path computes both exactly as transformers does, so the logits are
+    the unfused real backend's; unfusing gives the original modules and state_dict back."""
+    from duquant.modeling.fusion import DeferredRMSNorm, FusedSwiGLU
     from duquant.modeling.real_linear import to_simulated_backend
 
     model = _quantized(tokens, method=method)
     keys = set(model.state_dict())
     plain = copy.deepcopy(model)
     to_real_backend(plain)
-    report = to_real_backend(model, fuse_norms=True)
-    assert len(report["fused_norms"]) == 2 * model.config.num_hidden_layers
+    report = to_real_backend(model, fuse=True)
+    assert len(report["fused"]) == 3 * model.config.num_hidden_layers
     layer = model.model.layers[0]
     assert isinstance(layer.input_layernorm, DeferredRMSNorm) and isinstance(layer.post_attention_layernorm,
                                                                              DeferredRMSNorm)
+    assert isinstance(layer.mlp, FusedSwiGLU)
     torch.testing.assert_close(_logits(model, tokens), _logits(plain, tokens), rtol=1e-5, atol=1e-5)
     to_simulated_backend(model)
-    assert not any(isinstance(m, DeferredRMSNorm) for m in model.modules())
+    assert not any(isinstance(m, (DeferredRMSNorm, FusedSwiGLU)) for m in model.modules())
     assert set(model.state_dict()) == keys
 
 
 def test_norms_with_a_simulated_consumer_stay(tokens):
-    from duquant.modeling.fused_norm import fuse_norms
+    from duquant.modeling.fusion import fuse_norms
 
     model = _quantized(tokens)
     to_real_backend(model)

@@ -1,4 +1,6 @@
-"""The RMSNorm that a transform kernel can absorb (`InputNorm`), and its reference.
+"""What a transform kernel can absorb from the op before it, and the references: the
+RMSNorm in front of q/k/v and gate/up (`InputNorm`), and SwiGLU's silu(gate)·up in front
+of down_proj (`swiglu_ref`).
 
 A LLaMA decoder layer normalises the residual stream x before q/k/v and before gate/up:
 RMSNorm(x) = w · x / rms(x), rms(x) = sqrt(mean(x²) + eps) per token. Each of those
@@ -27,3 +29,8 @@ def rms_norm_ref(x: torch.Tensor, norm: InputNorm) -> torch.Tensor:
     xf = x.to(torch.float32)
     y = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + norm.eps)).to(x.dtype)
     return y if norm.weight is None else norm.weight.to(x.dtype) * y
+
+
+def swiglu_ref(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """transformers' LLaMA MLP activation: silu(gate) · up, in the inputs' dtype."""
+    return torch.nn.functional.silu(gate) * up

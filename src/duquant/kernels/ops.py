@@ -13,7 +13,7 @@ import os
 import torch
 
 from duquant.kernels import reference as ref
-from duquant.kernels.norm import InputNorm, rms_norm_ref
+from duquant.kernels.norm import InputNorm, rms_norm_ref, swiglu_ref
 from duquant.kernels.weight import PackedWeight
 
 # Largest token count served by the packed-weight decode kernels. Its first version is
@@ -67,13 +67,21 @@ def _leading(x: torch.Tensor) -> tuple[int, ...]:
     return tuple(x.shape[:-1])
 
 
+def _fused_input_ref(x: torch.Tensor, norm: InputNorm | None, up: torch.Tensor | None) -> torch.Tensor:
+    """What the kernels transform when they absorb the op before them (the reference path)."""
+    if norm is not None:
+        x = rms_norm_ref(x, norm)
+    return x if up is None else swiglu_ref(x, up)
+
+
 def transform_quantize(x: torch.Tensor, rot1: torch.Tensor | None = None, perm: torch.Tensor | None = None,
                        rot2: torch.Tensor | None = None, smooth: torch.Tensor | None = None, bits: int = 4,
                        clip: float = 0.9, out_dtype: torch.dtype | None = None,
                        precise: bool = False, symmetric: bool = False,
-                       norm: InputNorm | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                       norm: InputNorm | None = None, up: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """DuQuant online transform + per-token quantization (asymmetric; symmetric with
-    z = 2^(b−1) if asked) of x, or of RMSNorm(x) when `norm` is given (fused in the kernel).
+    z = 2^(b−1) if asked) of x, of RMSNorm(x) when `norm` is given, of silu(x)·up when
+    `up` is given (x is then the gate projection); both fused in the kernel.
 
     x [..., K] (bf16/fp16/fp32); rot1, rot2 [n, n] (n | K); perm int64 [K]; smooth [K].
     Returns a [..., K] (out_dtype: int8 or float8_e4m3fn; default `act_dtype(M)`) and
@@ -82,16 +90,16 @@ def transform_quantize(x: torch.Tensor, rot1: torch.Tensor | None = None, perm: 
     m = x.numel() // x.shape[-1]
     out_dtype = out_dtype or act_dtype(m)
     if use_triton(x):
-        if TRANSFORM_KERNEL == "rows" and norm is None:
+        if TRANSFORM_KERNEL == "rows" and norm is None and up is None:
             from duquant.kernels.triton_row_transform import duquant_quantize_rows
             a, s = duquant_quantize_rows(x, rot1, perm, rot2, smooth, bits, clip, out_dtype, precise,
                                          symmetric=symmetric)
         else:
             from duquant.kernels.triton_transform import duquant_quantize
             a, s = duquant_quantize(x, rot1, perm, rot2, smooth, bits, clip, out_dtype, precise, symmetric=symmetric,
-                                    norm=norm)
+                                    norm=norm, up=up)
     else:
-        x_in = x if norm is None else rms_norm_ref(x, norm)
+        x_in = _fused_input_ref(x, norm, up)
         a, s = ref.transform_quantize_ref(x_in, rot1, perm, rot2, smooth, bits, clip, symmetric)
         a = a.to(torch.float32).to(out_dtype) if out_dtype != torch.int8 else a
     return a.reshape(x.shape), s.reshape(_leading(x))
@@ -99,20 +107,22 @@ def transform_quantize(x: torch.Tensor, rot1: torch.Tensor | None = None, perm: 
 
 def hadamard_quantize(x: torch.Tensor, had_m: torch.Tensor | None = None, bits: int = 4, clip: float = 0.9,
                       out_dtype: torch.dtype | None = None, precise: bool = False,
-                      symmetric: bool = False, norm: InputNorm | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                      symmetric: bool = False, norm: InputNorm | None = None,
+                      up: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """QuaRot online Hadamard (x @ (H_m ⊗ H_p)/√K, had_m the ±1 m×m factor or None) +
-    per-token quantization, of RMSNorm(x) with `norm`. Same outputs as `transform_quantize`."""
+    per-token quantization, of RMSNorm(x) with `norm`, of silu(x)·up with `up`. Same
+    outputs as `transform_quantize`."""
     m = x.numel() // x.shape[-1]
     out_dtype = out_dtype or act_dtype(m)
     a = None
     if use_triton(x) and HADAMARD_KERNEL_VERIFIED:
         from duquant.kernels.triton_hadamard import hadamard_quantize as _kernel
         try:
-            a, s = _kernel(x, had_m, bits, clip, out_dtype, precise, symmetric=symmetric, norm=norm)
+            a, s = _kernel(x, had_m, bits, clip, out_dtype, precise, symmetric=symmetric, norm=norm, up=up)
         except ValueError:  # power-of-two part < 16: no tensor-core tiling, use the reference
             a = None
     if a is None:
-        a, s = ref.hadamard_quantize_ref(x if norm is None else rms_norm_ref(x, norm), had_m, bits, clip, symmetric)
+        a, s = ref.hadamard_quantize_ref(_fused_input_ref(x, norm, up), had_m, bits, clip, symmetric)
         a = a.to(torch.float32).to(out_dtype) if out_dtype != torch.int8 else a
     return a.reshape(x.shape), s.reshape(_leading(x))
 

@@ -70,13 +70,13 @@ def hadamard_plan(k: int, had_m: torch.Tensor | None, device: torch.device, prec
 def hadamard_quantize(x: torch.Tensor, had_m: torch.Tensor | None, bits: int = 4, clip: float = 0.9,
                       out_dtype: torch.dtype = torch.int8, precise: bool = False,
                       block_m: int | None = None, symmetric: bool = False,
-                      norm: InputNorm | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                      norm: InputNorm | None = None, up: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """x [..., K] -> (a [M, K] out_dtype, scale float32 [M]) for x·(H_m ⊗ S_p)/√K (of
-    RMSNorm(x) with `norm`)."""
+    RMSNorm(x) with `norm`, of silu(x)·up with `up`)."""
     k = x.shape[-1]
     n, s_n, dest, n2, rot2t, srow, ocol = hadamard_plan(k, had_m, x.device, precise)
     bm = block_m
     if bm is None and n2 > 128:
         bm = 16 if x.numel() // k <= 16 else 32
     return two_stage_quantize(x, n, s_n, dest, n2, rot2t, srow, ocol, None, 1.0 / math.sqrt(k), bits, clip,
-                              out_dtype, precise, bm, symmetric=symmetric, norm=norm)
+                              out_dtype, precise, bm, symmetric=symmetric, norm=norm, up=up)

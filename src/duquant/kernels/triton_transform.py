@@ -57,17 +57,22 @@ def _dot(a, b, PRECISE: tl.constexpr):
 
 @triton.jit
 def _rot1_store(x_ptr, smooth_ptr, r1, dest_ptr, vt_ptr, c, rm, store_ok, M, stride_xm, M_PAD,
-                norm_w_ptr, sumsq_ptr,
+                norm_w_ptr, sumsq_ptr, up_ptr,
                 N1: tl.constexpr, HAS_SMOOTH: tl.constexpr, HAS_R1: tl.constexpr, HAS_DEST: tl.constexpr,
-                PRECISE: tl.constexpr, HAS_NORM: tl.constexpr, NORM_W: tl.constexpr):
+                PRECISE: tl.constexpr, HAS_NORM: tl.constexpr, NORM_W: tl.constexpr, GATED: tl.constexpr):
     """vT[dest[c·N1 + j], rm[i]] = ((x·w/smooth)[rm[i], block c] · R̂₁)[i, j]; r1 is the loaded R̂₁.
     HAS_NORM (a fused RMSNorm): also adds the block's Σx² of each token to sumsq, and
     multiplies x by the norm weight w (NORM_W). The 1/rms factor itself is left out: it
-    scales a whole token row, which changes that token's scale, not its codes."""
+    scales a whole token row, which changes that token's scale, not its codes.
+    GATED (SwiGLU, the down_proj input): x is the gate projection and the transform's
+    input is silu(x)·up, computed here in float32 (up has x's strides)."""
     rn = tl.arange(0, N1)
     cols = c * N1 + rn
-    h = tl.load(x_ptr + rm.to(tl.int64)[:, None] * stride_xm + cols[None, :], mask=(rm < M)[:, None], other=0.0)
+    offs = rm.to(tl.int64)[:, None] * stride_xm + cols[None, :]
+    h = tl.load(x_ptr + offs, mask=(rm < M)[:, None], other=0.0)
     h = h.to(tl.float32)
+    if GATED:
+        h = h * tl.sigmoid(h) * tl.load(up_ptr + offs, mask=(rm < M)[:, None], other=0.0).to(tl.float32)
     if HAS_NORM:
         tl.atomic_add(sumsq_ptr + rm, tl.sum(h * h, axis=1), mask=(rm >= 0) & store_ok, sem="relaxed")
         if NORM_W:
@@ -139,12 +144,12 @@ def _arrive_and_wait(counter_ptr, target):
 @triton.jit
 def transform_quant_kernel(
     x_ptr, smooth_ptr, rot1_ptr, dest_ptr, vt_ptr, rot2t_ptr, srow_ptr, ocol_ptr, rowmin_ptr, rowmax_ptr, out_ptr,
-    scale_ptr, sync_ptr, norm_w_ptr, sumsq_ptr, rinv_ptr, M, stride_xm, M_PAD, NA, NB, P, stride_om, post_scale,
+    scale_ptr, sync_ptr, norm_w_ptr, sumsq_ptr, rinv_ptr, up_ptr, M, stride_xm, M_PAD, NA, NB, P, stride_om, post_scale,
     clip, qmax, inv_k, eps,
     N1: tl.constexpr, N2: tl.constexpr, KC: tl.constexpr, BLOCK_M: tl.constexpr, SUB: tl.constexpr,
     HAS_SMOOTH: tl.constexpr, HAS_R1: tl.constexpr, HAS_DEST: tl.constexpr, HAS_R2: tl.constexpr,
     HAS_MAP: tl.constexpr, PRECISE: tl.constexpr, STAGE: tl.constexpr, SYMMETRIC: tl.constexpr,
-    HAS_NORM: tl.constexpr, NORM_W: tl.constexpr,
+    HAS_NORM: tl.constexpr, NORM_W: tl.constexpr, GATED: tl.constexpr,
 ):
     """One program = one block × one token group of SUB·BLOCK_M tokens (the rotation is
     read once per program and used for SUB token tiles; on the H100 SUB > 1 did not pay,
@@ -182,7 +187,8 @@ def transform_quant_kernel(
         for sub in range(SUB):
             rm = m0 + sub * BLOCK_M + tl.arange(0, BLOCK_M)
             _rot1_store(x_ptr, smooth_ptr, r1, dest_ptr, vt_ptr, ba, rm, b < NA, M, stride_xm, M_PAD,
-                        norm_w_ptr, sumsq_ptr, N1, HAS_SMOOTH, HAS_R1, HAS_DEST, PRECISE, HAS_NORM, NORM_W)
+                        norm_w_ptr, sumsq_ptr, up_ptr, N1, HAS_SMOOTH, HAS_R1, HAS_DEST, PRECISE, HAS_NORM, NORM_W,
+                        GATED)
             if b == 0:
                 tl.store(rowmin_ptr + rm, tl.full([BLOCK_M], float("inf"), tl.float32))
                 tl.store(rowmax_ptr + rm, tl.full([BLOCK_M], float("-inf"), tl.float32))
@@ -335,9 +341,10 @@ def two_stage_quantize(x: torch.Tensor, n1: int, rot1: torch.Tensor | None, dest
                        out_dtype: torch.dtype, precise: bool, block_m: int | None = None,
                        warps: int | None = None, fused: bool | None = None,
                        sub_tiles: int | None = None, symmetric: bool = False,
-                       norm: InputNorm | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                       norm: InputNorm | None = None, up: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Block rotation → shuffle → block rotation → per-token quantization (asymmetric, or
-    symmetric with z = 2^(b−1)); with `norm`, of RMSNorm(x) (fused: see the kernel).
+    symmetric with z = 2^(b−1)); with `norm`, of RMSNorm(x); with `up`, of silu(x)·up
+    (both fused: see the kernel).
 
     x [M, K]; rot1 [n1, n1]; dest int32 [K] (scratch row of input channel c, None =
     identity); rot2t [n2, n2] = R̂₂ᵀ; srow/ocol int32 [NB·n2] (scratch row read and output
@@ -346,6 +353,13 @@ def two_stage_quantize(x: torch.Tensor, n1: int, rot1: torch.Tensor | None, dest
     (a [M, K] out_dtype, scale float32 [M])."""
     k = x.shape[-1]
     x2, out, scale = token_rows_and_outputs(x, out_dtype)
+    up2 = None
+    if up is not None:
+        if up.shape != x.shape:
+            raise ValueError(f"gate {tuple(x.shape)} and up {tuple(up.shape)} differ")
+        up2 = up.reshape(-1, k)
+        if up2.stride() != x2.stride():
+            x2, up2 = x2.contiguous(), up2.contiguous()
     m = x2.shape[0]
     if m == 0:
         return out, scale
@@ -374,12 +388,13 @@ def two_stage_quantize(x: torch.Tensor, n1: int, rot1: torch.Tensor | None, dest
             norm_w if norm_w is not None else dummy,
             _zeroed_buffer("sumsq", m_pad, torch.float32, x.device) if norm is not None else dummy,
             _buffer("rinv", m_pad, torch.float32, x.device) if norm is not None else dummy,
+            up2 if up2 is not None else dummy,
             m, x2.stride(0), m_pad, na, nb, programs, out.stride(0), float(post_scale), float(clip),
             float((1 << bits) - 1), 1.0 / k, float(norm.eps) if norm is not None else 0.0)
     meta = dict(N1=n1, N2=n2, KC=n2 if n2 <= 128 else 64, BLOCK_M=bm, SUB=sub,
                 HAS_SMOOTH=smooth is not None, HAS_R1=rot1 is not None, HAS_DEST=dest is not None,
                 HAS_R2=rot2t is not None, HAS_MAP=has_map, PRECISE=precise, SYMMETRIC=symmetric,
-                HAS_NORM=norm is not None, NORM_W=norm_w is not None, num_warps=warps or 4)
+                HAS_NORM=norm is not None, NORM_W=norm_w is not None, GATED=up2 is not None, num_warps=warps or 4)
     if fused:
         transform_quant_kernel[(groups * programs,)](*args, STAGE=0, **meta)
     else:
@@ -430,10 +445,11 @@ def duquant_quantize(x: torch.Tensor, rot1: torch.Tensor | None, perm: torch.Ten
                      rot2: torch.Tensor | None, smooth: torch.Tensor | None, bits: int = 4, clip: float = 0.9,
                      out_dtype: torch.dtype = torch.int8, precise: bool = False, block_m: int | None = None,
                      warps: int | None = None, fused: bool | None = None, sub_tiles: int | None = None,
-                     symmetric: bool = False, norm: InputNorm | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """DuQuant transform + quantize (of RMSNorm(x) with `norm`). x [..., K] -> (a [M, K]
-    out_dtype, scale float32 [M])."""
+                     symmetric: bool = False, norm: InputNorm | None = None,
+                     up: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """DuQuant transform + quantize (of RMSNorm(x) with `norm`, of silu(x)·up with `up`).
+    x [..., K] -> (a [M, K] out_dtype, scale float32 [M])."""
     n = rotation_block(x.shape[-1], rot1, rot2)
     f = prepared_factors(rot1, perm, rot2, smooth, precise)
     return two_stage_quantize(x, n, f.rot1, f.dest, n, f.rot2_t, None, None, f.smooth, 1.0, bits, clip, out_dtype,
-                              precise, block_m, warps, fused, sub_tiles, symmetric, norm)
+                              precise, block_m, warps, fused, sub_tiles, symmetric, norm, up)

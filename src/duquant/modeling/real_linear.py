@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from ..kernels import ops
-from ..kernels.norm import InputNorm, rms_norm_ref
+from ..kernels.norm import InputNorm, rms_norm_ref, swiglu_ref
 from ..kernels.weight import PackedWeight
 from .qlinear import QuantLinear
 
@@ -93,7 +93,7 @@ class RealQuantLinear(nn.Module):
         return w
 
     def _input_norm(self) -> InputNorm | None:
-        deferred = self.__dict__.get("input_norm")  # set by modeling.fused_norm.fuse_norms
+        deferred = self.__dict__.get("input_norm")  # set by modeling.fusion.fuse_norms
         return None if deferred is None else deferred.spec()
 
     def _transform_key(self, x: torch.Tensor) -> tuple:
@@ -112,23 +112,32 @@ class RealQuantLinear(nn.Module):
         _MEMO.update(x=x, key=key, value=value)
         return value
 
-    def _quantize_input_uncached(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _quantize_input_uncached(self, x: torch.Tensor,
+                                 up: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         norm = self._input_norm()
         if self.hadamard:
             if self.rot1 is not None or self.perm is not None or self.rot2 is not None:
                 x = x if norm is None else rms_norm_ref(x, norm)
-                norm = None
+                x = x if up is None else swiglu_ref(x, up)
+                norm = up = None
                 x = self._transform._apply_factors(x.to(torch.float32), torch.float32)
             if self._had is None or self._had[0] != x.device:
                 self._had = (x.device, _hadamard_base(self.in_features, x.device))
             return ops.hadamard_quantize(x, self._had[1], self.act_bits, self.act_clip, symmetric=self.act_symmetric,
-                                         norm=norm)
+                                         norm=norm, up=up)
         return ops.transform_quantize(x, self.rot1, self.perm, self.rot2, None, self.act_bits, self.act_clip,
-                                      symmetric=self.act_symmetric, norm=norm)
+                                      symmetric=self.act_symmetric, norm=norm, up=up)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._linear(x, *self._quantize_input(x))
+
+    def forward_gated(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        """This layer applied to silu(gate)·up, the product formed inside the transform kernel
+        (`modeling.fusion.FusedSwiGLU`)."""
+        return self._linear(gate, *self._quantize_input_uncached(gate, up))
+
+    def _linear(self, x: torch.Tensor, a: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
-        a, s = self._quantize_input(x)
         a, s = a.reshape(-1, self.in_features), s.reshape(-1)
         bias = None if self.bias is None else self.bias.to(torch.float32)
         y = ops.w4a4_linear(a, s, self.packed_weight(), bias, x.dtype)
@@ -158,9 +167,9 @@ def to_simulated_backend(model: nn.Module) -> list[str]:
     """Undo `to_real_backend` in place (each RealQuantLinear back to its QuantLinear, with
     the buffers they share). Call it before `model.to(...)` moves the real layers: a move
     gives them new tensors and the simulated layers keep the old ones."""
-    from .fused_norm import unfuse_norms
+    from .fusion import unfuse
 
-    unfuse_norms(model)
+    unfuse(model)
     return _swap(model, RealQuantLinear, lambda layer: layer.source)
 
 
@@ -197,17 +206,17 @@ def _same(a: torch.Tensor | None, b: torch.Tensor | None) -> bool:
 
 
 def to_real_backend(model: nn.Module, prefill_weight: str | None = None,
-                    fuse_norms: bool = False) -> dict[str, list[str]]:
+                    fuse: bool = False) -> dict[str, list[str]]:
     """Swap every `QuantLinear` of `model` that the kernels cover for a `RealQuantLinear`
-    (in place); fuse_norms: also fold the RMSNorms in front of them into their transform
-    kernels (`modeling.fused_norm`). Returns {"real": [names], "simulated": [names kept
-    simulated], "fused_norms": [names]}."""
+    (in place); fuse: also fold the RMSNorms in front of them and SwiGLU's silu(gate)·up
+    into their transform kernels (`modeling.fusion`). Returns {"real": [names],
+    "simulated": [names kept simulated], "fused": [names of the fused norms and MLPs]}."""
     real = _swap(model, QuantLinear, lambda layer: RealQuantLinear(layer, prefill_weight) if supports_real(layer) else None)
     share_sibling_transforms(model)
     fused: list[str] = []
-    if fuse_norms:
-        from .fused_norm import fuse_norms as fuse
+    if fuse:
+        from .fusion import fuse_norms, fuse_swiglu
 
-        fused = fuse(model)
+        fused = fuse_norms(model) + fuse_swiglu(model)
     simulated = [name for name, m in model.named_modules() if isinstance(m, QuantLinear)]
-    return {"real": real, "simulated": simulated, "fused_norms": fused}
+    return {"real": real, "simulated": simulated, "fused": fused}

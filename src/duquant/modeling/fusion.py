@@ -1,18 +1,20 @@
-"""Fusing a decoder layer's RMSNorms into the transform kernels of the real backend.
+"""Fusing the op in front of each quantized activation into its transform kernel (real backend).
 
-In the real backend, the norm in front of q/k/v (and the one in front of gate/up) only
-feeds quantized linears that share one online transform. Those linears can quantize the
-raw residual stream x instead: the transform kernel multiplies x by the norm weight,
-sums x² on the way and divides each token's scale by rms(x) (see `kernels.norm`). The
-norm module is then replaced by a `DeferredRMSNorm` that passes x through unchanged, and
-the norm's own kernels (and their passes over the activation) leave the layer.
+* RMSNorm: the norm in front of q/k/v (and the one in front of gate/up) only feeds
+  quantized linears that share one online transform. Those linears can quantize the raw
+  residual stream x instead: the transform kernel multiplies x by the norm weight, sums x²
+  on the way and divides each token's scale by rms(x) (see `kernels.norm`). The norm
+  module is replaced by a `DeferredRMSNorm` that passes x through unchanged.
+* SwiGLU: down_proj's input silu(gate)·up is formed inside its transform kernel from the
+  two projections (`FusedSwiGLU` replaces the MLP's forward).
+Either way the fused op's own kernels, and their passes over the activation, leave the layer.
 """
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-from ..kernels.norm import InputNorm, rms_norm_ref
+from ..kernels.norm import InputNorm, rms_norm_ref, swiglu_ref
 from .adapters import adapter_for
 
 
@@ -77,13 +79,56 @@ def fuse_norms(model: nn.Module) -> list[str]:
     return fused
 
 
-def unfuse_norms(model: nn.Module) -> int:
-    """Put every original norm back (and detach it from its consumers). Returns how many."""
+class FusedSwiGLU(nn.Module):
+    """Stands in for a LLaMA MLP whose down_proj (a RealQuantLinear) forms silu(gate)·up
+    inside its transform kernel. Keeps the MLP as a child; `unfuse` gives it back."""
+
+    def __init__(self, mlp: nn.Module) -> None:
+        super().__init__()
+        self.mlp = mlp
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        m = self.mlp
+        return m.down_proj.forward_gated(m.gate_proj(x), m.up_proj(x))
+
+
+def _is_silu(act: nn.Module | None) -> bool:
+    if act is None:
+        return False
+    probe = torch.linspace(-8, 8, 33)
+    with torch.no_grad():
+        return bool(torch.allclose(act(probe), torch.nn.functional.silu(probe), atol=1e-6))
+
+
+def fuse_swiglu(model: nn.Module) -> list[str]:
+    """Fuse silu(gate)·up into every down_proj that runs on the real backend (in place).
+    Returns the names of the fused MLPs."""
+    from .real_linear import RealQuantLinear
+
+    adapter = adapter_for(model)
+    fused = []
+    for index, layer in enumerate(adapter.decoder_layers(model)):
+        mlp = getattr(layer, "mlp", None)
+        if mlp is None or isinstance(mlp, FusedSwiGLU) or not all(hasattr(mlp, n) for n in ("gate_proj", "up_proj")):
+            continue
+        if not isinstance(getattr(mlp, "down_proj", None), RealQuantLinear) or not _is_silu(getattr(mlp, "act_fn", None)):
+            continue
+        layer.mlp = FusedSwiGLU(mlp)
+        fused.append(f"{adapter.layers}.{index}.mlp")
+    return fused
+
+
+def unfuse(model: nn.Module) -> int:
+    """Put every original norm and MLP back (and detach the norms from their consumers).
+    Returns how many modules were restored."""
     count = 0
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
             if isinstance(child, DeferredRMSNorm):
                 setattr(parent, name, child.norm)
+                count += 1
+            elif isinstance(child, FusedSwiGLU):
+                setattr(parent, name, child.mlp)
                 count += 1
     for module in model.modules():
         module.__dict__.pop("input_norm", None)
