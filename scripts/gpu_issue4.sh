@@ -6,7 +6,7 @@
 #   quantize   duquant bench --level quantize (DuQuant on the LLaMA-2-7B-shaped model)
 #   layer      duquant bench --level layer (bf16, w4a4, w4a4_fp8w, w4a4_fp8w_fused; eager and CUDA-graph prefill)
 #   e2e        duquant bench --level e2e (bf16, w4a4, w4a4_fused)
-#   rows       duquant bench --level layer --variants bf16 w4a4_fp8w with the rows transform kernel
+#   rows       duquant bench --level layer --variants bf16 w4a4_fp8w w4a4_fp8w_fused, rows transform kernel
 # Results land in $OUT as JSON + markdown (+ logs); copy them to results/ with the command line.
 set -uo pipefail
 OUT=${OUT:-out}
@@ -37,7 +37,7 @@ case "${1:-}" in
     grep -E "^\| (prefill|decode)" "$OUT/$1.md"
     ;;
   rows)
-    DUQUANT_TRANSFORM_KERNEL=rows timeout 560 "${bench[@]}" --level layer --variants bf16 w4a4_fp8w \
+    DUQUANT_TRANSFORM_KERNEL=rows timeout 560 "${bench[@]}" --level layer --variants bf16 w4a4_fp8w w4a4_fp8w_fused \
       --out-json "$OUT/layer_rows.json" --out-md "$OUT/layer_rows.md" > "$OUT/layer_rows.log" 2>&1
     grep -E "^\| (prefill|decode)" "$OUT/layer_rows.md"
     ;;

@@ -63,15 +63,15 @@ def tiles(n: int, block_m: int, stage: int, precise: bool, warps: int = 4, norm:
     return compile_sm90(transform_quant_kernel, ptr, const, warps, ("post_scale", "clip", "qmax", "inv_k", "eps"))
 
 
-def rows(k: int, n: int, precise: bool) -> str:
+def rows(k: int, n: int, precise: bool, norm: bool = False, gated: bool = False) -> str:
     nb_pad, t, warps = row_tile(k, n)
     ptr = {"x_ptr": "*bf16", "smooth_ptr": "*fp32", "rot1_ptr": "*fp32" if precise else "*bf16", "perm_ptr": "*i32",
            "rot2_ptr": "*fp32" if precise else "*bf16", "scratch_ptr": "*fp32" if precise else "*bf16",
-           "out_ptr": "*fp8e4nv", "scale_ptr": "*fp32"}
-    const = dict(N=n, NB_PAD=nb_pad, T=t, HAS_SMOOTH=True, HAS_R1=True, HAS_PERM=True, HAS_R2=True, PRECISE=precise,
-                 SYMMETRIC=False)
+           "out_ptr": "*fp8e4nv", "scale_ptr": "*fp32", "norm_w_ptr": "*bf16", "up_ptr": "*bf16"}
+    const = dict(N=n, NB_PAD=nb_pad, T=t, HAS_SMOOTH=not norm, HAS_R1=True, HAS_PERM=True, HAS_R2=True,
+                 PRECISE=precise, SYMMETRIC=False, HAS_NORM=norm, NORM_W=norm, GATED=gated)
     return f"T={t} NB_PAD={nb_pad} warps={warps}: " + compile_sm90(row_transform_quant_kernel, ptr, const, warps,
-                                                                   ("clip", "qmax"))
+                                                                   ("clip", "qmax", "eps"))
 
 
 def main() -> None:
@@ -85,6 +85,8 @@ def main() -> None:
     for k, n in ((4096, 128), (11008, 128), (1536, 128), (576, 64)):
         for precise in (False, True):
             print(f"rows K={k} n={n} precise={precise}: {rows(k, n, precise)}", flush=True)
+    print(f"rows+norm K=4096 n=128: {rows(4096, 128, False, norm=True)}", flush=True)
+    print(f"rows+swiglu K=11008 n=128: {rows(11008, 128, False, gated=True)}", flush=True)
 
 
 if __name__ == "__main__":

@@ -103,7 +103,7 @@ def test_symmetric_activations(kernel: str, m: int, k: int) -> None:
     _check_codes(a, s, ar, sr, True)
 
 
-@pytest.mark.parametrize("kernel", ["one-launch", "three-launch", "hadamard"])
+@pytest.mark.parametrize("kernel", ["one-launch", "three-launch", "rows", "hadamard"])
 @pytest.mark.parametrize("m, k", [(1, 576), (7, 1536), (33, 4096), (2048, 4096), (2048, 11008)])
 def test_fused_rms_norm(kernel: str, m: int, k: int) -> None:
     """norm=InputNorm(w, eps) in the transform (x·w quantized, scale / rms(x)) against
@@ -111,6 +111,7 @@ def test_fused_rms_norm(kernel: str, m: int, k: int) -> None:
     from duquant.kernels import reference as ref
     from duquant.kernels.norm import InputNorm, rms_norm_ref
     from duquant.kernels.triton_hadamard import hadamard_quantize
+    from duquant.kernels.triton_row_transform import duquant_quantize_rows
     from duquant.kernels.triton_transform import duquant_quantize
     from duquant.transforms.hadamard import _base_matrix
     x = (torch.randn(m, k, device="cuda") * (torch.rand(m, 1, device="cuda") * 30 + 0.1)).to(torch.bfloat16)
@@ -125,19 +126,23 @@ def test_fused_rms_norm(kernel: str, m: int, k: int) -> None:
         else:
             n = _block(k)
             args = (_orthogonal(n), torch.randperm(k, device="cuda"), _orthogonal(n), None)
-            a, s = duquant_quantize(x, *args, 4, 0.9, torch.int8, False, fused=kernel == "one-launch", norm=norm)
+            if kernel == "rows":
+                a, s = duquant_quantize_rows(x, *args, 4, 0.9, torch.int8, False, norm=norm)
+            else:
+                a, s = duquant_quantize(x, *args, 4, 0.9, torch.int8, False, fused=kernel == "one-launch", norm=norm)
             ar, sr = ref.transform_quantize_ref(xn, *args, 4, 0.9)
         torch.cuda.synchronize()
         _check_codes(a, s, ar, sr, False)
 
 
-@pytest.mark.parametrize("kernel", ["one-launch", "three-launch", "hadamard"])
+@pytest.mark.parametrize("kernel", ["one-launch", "three-launch", "rows", "hadamard"])
 @pytest.mark.parametrize("m, k", [(1, 1536), (33, 11008), (2048, 11008)])
 def test_fused_swiglu(kernel: str, m: int, k: int) -> None:
     """up=...: silu(gate)·up formed in the transform kernel, against forming it in bf16 first."""
     from duquant.kernels import reference as ref
     from duquant.kernels.norm import swiglu_ref
     from duquant.kernels.triton_hadamard import hadamard_quantize
+    from duquant.kernels.triton_row_transform import duquant_quantize_rows
     from duquant.kernels.triton_transform import duquant_quantize
     from duquant.transforms.hadamard import _base_matrix
     gate = (torch.randn(m, k, device="cuda") * 2).to(torch.bfloat16)
@@ -151,7 +156,10 @@ def test_fused_swiglu(kernel: str, m: int, k: int) -> None:
     else:
         n = _block(k)
         args = (_orthogonal(n), torch.randperm(k, device="cuda"), _orthogonal(n), None)
-        a, s = duquant_quantize(gate, *args, 4, 0.9, torch.int8, False, fused=kernel == "one-launch", up=up)
+        if kernel == "rows":
+            a, s = duquant_quantize_rows(gate, *args, 4, 0.9, torch.int8, False, up=up)
+        else:
+            a, s = duquant_quantize(gate, *args, 4, 0.9, torch.int8, False, fused=kernel == "one-launch", up=up)
         ar, sr = ref.transform_quantize_ref(h, *args, 4, 0.9)
     torch.cuda.synchronize()
     _check_codes(a, s, ar, sr, False)

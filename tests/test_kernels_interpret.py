@@ -189,7 +189,8 @@ def test_symmetric_activations_match_reference(kernel: str) -> None:
     assert torch.equal(a, ar) and float(((s - sr).abs() / sr).max()) < 1e-5
 
 
-@pytest.mark.parametrize("kernel, weighted", [("tiles", True), ("tiles", False), ("hadamard", True)])
+@pytest.mark.parametrize("kernel, weighted", [("tiles", True), ("tiles", False), ("hadamard", True), ("rows", True),
+                                              ("rows", False)])
 def test_fused_rms_norm_matches_norm_then_transform(kernel: str, weighted: bool) -> None:
     """norm=InputNorm(w, eps): the kernel quantizes x·w·G and divides the scale by rms(x)
     (per-token quantization ignores a per-token factor); the reference normalises first.
@@ -198,6 +199,7 @@ def test_fused_rms_norm_matches_norm_then_transform(kernel: str, weighted: bool)
     from duquant.kernels import triton_transform as tt
     from duquant.kernels.norm import InputNorm, rms_norm_ref
     from duquant.kernels.triton_hadamard import hadamard_quantize
+    from duquant.kernels.triton_row_transform import duquant_quantize_rows
     gen = torch.Generator().manual_seed(11)
     m, k, n = 19, 192, 64
     x = torch.randn(m, k, generator=gen) * (torch.rand(m, 1, generator=gen) * 50 + 0.1)  # rms differs per token
@@ -210,22 +212,25 @@ def test_fused_rms_norm_matches_norm_then_transform(kernel: str, weighted: bool)
         ar, sr = ref.hadamard_quantize_ref(rms_norm_ref(x, norm), had_m, 4, 0.9)
     else:
         args = (_orthogonal(n, gen), torch.randperm(k, generator=gen), _orthogonal(n, gen), None)
-        run = lambda: tt.duquant_quantize(x, *args, 4, 0.9, torch.int8, True, norm=norm)  # noqa: E731
+        fn = duquant_quantize_rows if kernel == "rows" else tt.duquant_quantize
+        run = lambda: fn(x, *args, 4, 0.9, torch.int8, True, norm=norm)  # noqa: E731
         ar, sr = ref.transform_quantize_ref(rms_norm_ref(x, norm), *args, 4, 0.9)
     for _ in range(2):
         a, s = run()
         diff = (a.to(torch.int16) - ar.to(torch.int16)).abs()
         assert int(diff.max()) <= 1 and float((diff > 0).float().mean()) < 1e-2
         assert float(((s - sr).abs() / sr).max()) < 1e-4
-        assert not bool(tt._BUF[("sumsq", torch.float32, x.device)].any())
+        if kernel != "rows":  # the rows kernel sums whole rows in-program: no scratch
+            assert not bool(tt._BUF[("sumsq", torch.float32, x.device)].any())
 
 
-@pytest.mark.parametrize("kernel", ["tiles", "hadamard"])
+@pytest.mark.parametrize("kernel", ["tiles", "hadamard", "rows"])
 def test_fused_swiglu_matches_silu_times_up_then_transform(kernel: str) -> None:
     """up=...: the kernel transforms silu(x)·up (x the gate projection) formed in float32;
     the reference forms it in the inputs' dtype (float32 here, so the same numbers)."""
     from duquant.kernels.norm import swiglu_ref
     from duquant.kernels.triton_hadamard import hadamard_quantize
+    from duquant.kernels.triton_row_transform import duquant_quantize_rows
     from duquant.kernels.triton_transform import duquant_quantize
     from duquant.transforms.hadamard import _base_matrix
     gen = torch.Generator().manual_seed(5)
@@ -238,7 +243,8 @@ def test_fused_swiglu_matches_silu_times_up_then_transform(kernel: str) -> None:
         ar, sr = ref.hadamard_quantize_ref(swiglu_ref(gate, up), had_m, 4, 0.9)
     else:
         args = (_orthogonal(n, gen), torch.randperm(k, generator=gen), _orthogonal(n, gen), None)
-        a, s = duquant_quantize(gate, *args, 4, 0.9, torch.int8, True, up=up)
+        fn = duquant_quantize_rows if kernel == "rows" else duquant_quantize
+        a, s = fn(gate, *args, 4, 0.9, torch.int8, True, up=up)
         ar, sr = ref.transform_quantize_ref(swiglu_ref(gate, up), *args, 4, 0.9)
     diff = (a.to(torch.int16) - ar.to(torch.int16)).abs()
     assert int(diff.max()) <= 1 and float((diff > 0).float().mean()) < 1e-2

@@ -69,6 +69,8 @@ def _leading(x: torch.Tensor) -> tuple[int, ...]:
 
 def _fused_input_ref(x: torch.Tensor, norm: InputNorm | None, up: torch.Tensor | None) -> torch.Tensor:
     """What the kernels transform when they absorb the op before them (the reference path)."""
+    if norm is not None and up is not None:
+        raise ValueError("a transform absorbs an RMSNorm or a SwiGLU product, not both")
     if norm is not None:
         x = rms_norm_ref(x, norm)
     return x if up is None else swiglu_ref(x, up)
@@ -90,10 +92,10 @@ def transform_quantize(x: torch.Tensor, rot1: torch.Tensor | None = None, perm: 
     m = x.numel() // x.shape[-1]
     out_dtype = out_dtype or act_dtype(m)
     if use_triton(x):
-        if TRANSFORM_KERNEL == "rows" and norm is None and up is None:
+        if TRANSFORM_KERNEL == "rows":
             from duquant.kernels.triton_row_transform import duquant_quantize_rows
             a, s = duquant_quantize_rows(x, rot1, perm, rot2, smooth, bits, clip, out_dtype, precise,
-                                         symmetric=symmetric)
+                                         symmetric=symmetric, norm=norm, up=up)
         else:
             from duquant.kernels.triton_transform import duquant_quantize
             a, s = duquant_quantize(x, rot1, perm, rot2, smooth, bits, clip, out_dtype, precise, symmetric=symmetric,

@@ -18,7 +18,8 @@ One launch, no inter-program barrier, HBM traffic = x + codes (+ the scratch row
 the program reads back at once). Padded block rows (K/n not a power of two) are masked.
 T tokens per program keep the tile at ~128 rows (T = 1 at K = 11008, 4 at K = 4096).
 Numerics are those of the tiles kernel (fast: bf16 operands, the rotated row stored as
-bf16; precise: fp32 scratch, 3×TF32 products).
+bf16; precise: fp32 scratch, 3×TF32 products). The fused RMSNorm and SwiGLU inputs of the
+tiles kernel are here too, simpler: the program holds whole rows, so Σx² is a row sum.
 """
 from __future__ import annotations
 
@@ -27,16 +28,18 @@ import triton
 import triton.language as tl
 
 from duquant.kernels.triton_quant import centered_codes, token_qparams
-from duquant.kernels.triton_transform import (_buffer, _dot, prepared_factors, rotation_block,
+from duquant.kernels.norm import InputNorm
+from duquant.kernels.triton_transform import (_buffer, _dot, gate_and_up_rows, prepared_factors, rotation_block,
                                                token_rows_and_outputs)
 
 
 @triton.jit
 def row_transform_quant_kernel(
-    x_ptr, smooth_ptr, rot1_ptr, perm_ptr, rot2_ptr, scratch_ptr, out_ptr, scale_ptr,
-    M, K, NB, stride_xm, stride_om, clip, qmax,
+    x_ptr, smooth_ptr, rot1_ptr, perm_ptr, rot2_ptr, scratch_ptr, out_ptr, scale_ptr, norm_w_ptr, up_ptr,
+    M, K, NB, stride_xm, stride_om, clip, qmax, eps,
     N: tl.constexpr, NB_PAD: tl.constexpr, T: tl.constexpr, HAS_SMOOTH: tl.constexpr, HAS_R1: tl.constexpr,
     HAS_PERM: tl.constexpr, HAS_R2: tl.constexpr, PRECISE: tl.constexpr, SYMMETRIC: tl.constexpr,
+    HAS_NORM: tl.constexpr, NORM_W: tl.constexpr, GATED: tl.constexpr,
 ):
     R: tl.constexpr = T * NB_PAD
     pid = tl.program_id(0)
@@ -46,7 +49,14 @@ def row_transform_quant_kernel(
     c = tl.arange(0, N)
     col = blk[:, None] * N + c[None, :]  # channel of each element [R, N]
     ok = ((tok < M) & (blk < NB))[:, None]
-    h = tl.load(x_ptr + tok.to(tl.int64)[:, None] * stride_xm + col, mask=ok, other=0.0).to(tl.float32)
+    offs = tok.to(tl.int64)[:, None] * stride_xm + col
+    h = tl.load(x_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+    if GATED:  # silu(gate)·up (x is the gate projection)
+        h = h * tl.sigmoid(h) * tl.load(up_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+    if HAS_NORM:  # RMSNorm: codes from x·w, the scale divided by rms(x) at the end
+        rinv = 1.0 / tl.sqrt(tl.sum(tl.reshape(tl.sum(h * h, axis=1), [T, NB_PAD]), axis=1) / K + eps)  # [T]
+        if NORM_W:
+            h = h * tl.load(norm_w_ptr + col, mask=ok, other=0.0).to(tl.float32)
     if HAS_SMOOTH:
         h = tl.math.div_rn(h, tl.load(smooth_ptr + col, mask=ok, other=1.0))
     rr = tl.arange(0, N)
@@ -65,7 +75,10 @@ def row_transform_quant_kernel(
     hi = tl.max(tl.reshape(tl.max(tl.where(ok, h, float("-inf")), axis=1), [T, NB_PAD]), axis=1)
     scale, zero = token_qparams(lo, hi, clip, qmax, SYMMETRIC)  # [T]
     ts = pid * T + tl.arange(0, T)
-    tl.store(scale_ptr + ts, scale, mask=ts < M)
+    if HAS_NORM:
+        tl.store(scale_ptr + ts, scale * rinv, mask=ts < M)
+    else:
+        tl.store(scale_ptr + ts, scale, mask=ts < M)
     scale_rows = tl.reshape(tl.broadcast_to(scale[:, None], [T, NB_PAD]), [R])
     zero_rows = tl.reshape(tl.broadcast_to(zero[:, None], [T, NB_PAD]), [R])
     a = centered_codes(h, scale_rows, zero_rows, qmax)
@@ -84,11 +97,15 @@ def duquant_quantize_rows(x: torch.Tensor, rot1: torch.Tensor | None, perm: torc
                           rot2: torch.Tensor | None, smooth: torch.Tensor | None, bits: int = 4, clip: float = 0.9,
                           out_dtype: torch.dtype = torch.int8, precise: bool = False,
                           tokens_per_program: int | None = None, warps: int | None = None,
-                          symmetric: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+                          symmetric: bool = False, norm: InputNorm | None = None,
+                          up: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Same contract as `triton_transform.duquant_quantize`: x [..., K] -> (a [M, K], scale [M])."""
     k = x.shape[-1]
     n = rotation_block(k, rot1, rot2)
-    x2, out, scale = token_rows_and_outputs(x, out_dtype)
+    if norm is not None and up is not None:
+        raise ValueError("a transform absorbs an RMSNorm or a SwiGLU product, not both")
+    x2, up2 = gate_and_up_rows(x, up)
+    x2, out, scale = token_rows_and_outputs(x2, out_dtype)
     m = x2.shape[0]
     if m == 0:
         return out, scale
@@ -97,11 +114,14 @@ def duquant_quantize_rows(x: torch.Tensor, rot1: torch.Tensor | None, perm: torc
     t = tokens_per_program or min(t, triton.next_power_of_2(m))  # decode: no empty token slots
     scratch = _buffer("rows", m * k if perm is not None else 1, torch.float32 if precise else torch.bfloat16, x.device)
     dummy = scale
+    norm_w = None if norm is None or norm.weight is None else norm.weight.contiguous()
     row_transform_quant_kernel[(triton.cdiv(m, t),)](
         x2, *(v if v is not None else dummy for v in (f.smooth, f.rot1, f.perm, f.rot2)), scratch, out, scale,
+        norm_w if norm_w is not None else dummy, up2 if up2 is not None else dummy,
         m, k, k // n, x2.stride(0), out.stride(0), float(clip), float((1 << bits) - 1),
+        float(norm.eps) if norm is not None else 0.0,
         N=n, NB_PAD=nb_pad, T=t, HAS_SMOOTH=f.smooth is not None, HAS_R1=f.rot1 is not None,
         HAS_PERM=f.perm is not None, HAS_R2=f.rot2 is not None, PRECISE=precise, SYMMETRIC=symmetric,
-        num_warps=warps or w,
+        HAS_NORM=norm is not None, NORM_W=norm_w is not None, GATED=up2 is not None, num_warps=warps or w,
     )
     return out, scale

@@ -326,6 +326,21 @@ def token_rows_and_outputs(x: torch.Tensor, out_dtype: torch.dtype) -> tuple[tor
             torch.empty((m,), dtype=torch.float32, device=x.device))
 
 
+def gate_and_up_rows(x: torch.Tensor, up: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """x and up (None: no SwiGLU input) as [M, K] views with the same strides (the kernels
+    read both with x's)."""
+    k = x.shape[-1]
+    x2 = x.reshape(-1, k)
+    if up is None:
+        return x2, None
+    if up.shape != x.shape:
+        raise ValueError(f"gate {tuple(x.shape)} and up {tuple(up.shape)} differ")
+    up2 = up.reshape(-1, k)
+    if up2.stride() != x2.stride() or x2.stride(-1) != 1:
+        x2, up2 = x2.contiguous(), up2.contiguous()
+    return x2, up2
+
+
 def rotation_block(k: int, rot1: torch.Tensor | None, rot2: torch.Tensor | None) -> int:
     """Block size n of a DuQuant transform over K channels (checked: n | K, n ≥ 16)."""
     rots = [r for r in (rot1, rot2) if r is not None]
@@ -352,14 +367,10 @@ def two_stage_quantize(x: torch.Tensor, n1: int, rot1: torch.Tensor | None, dest
     NB·n2 = K). fused: one launch or three (default: `fused_default`). Returns
     (a [M, K] out_dtype, scale float32 [M])."""
     k = x.shape[-1]
-    x2, out, scale = token_rows_and_outputs(x, out_dtype)
-    up2 = None
-    if up is not None:
-        if up.shape != x.shape:
-            raise ValueError(f"gate {tuple(x.shape)} and up {tuple(up.shape)} differ")
-        up2 = up.reshape(-1, k)
-        if up2.stride() != x2.stride():
-            x2, up2 = x2.contiguous(), up2.contiguous()
+    if norm is not None and up is not None:
+        raise ValueError("a transform absorbs an RMSNorm or a SwiGLU product, not both")
+    x2, up2 = gate_and_up_rows(x, up)
+    x2, out, scale = token_rows_and_outputs(x2, out_dtype)
     m = x2.shape[0]
     if m == 0:
         return out, scale
