@@ -75,30 +75,41 @@ def test_duquant_transform_quantize(m: int, k: int, mode: str) -> None:
             _check_codes(a, s, ar, sr, precise)
 
 
-@pytest.mark.parametrize("kernel", ["one-launch", "three-launch", "rows", "hadamard"])
-@pytest.mark.parametrize("m, k", [(1, 1536), (33, 11008), (2048, 4096)])
-def test_symmetric_activations(kernel: str, m: int, k: int) -> None:
-    """QuaRot's symmetric per-token quantization (z = 8, codes in [−8, 7]) in every transform kernel."""
+def _transform_and_reference(kernel: str, x: torch.Tensor, ref_input: torch.Tensor, precise: bool,
+                             symmetric: bool = False, **fused) -> tuple[torch.Tensor, ...]:
+    """(a, s) of the named transform kernel on x, and (ar, sr) of its reference on ref_input,
+    with the same random factors. `fused` (norm=..., up=...) goes to the kernel only: the
+    caller forms the fused op's output in ref_input."""
     from duquant.kernels import reference as ref
     from duquant.kernels.triton_hadamard import hadamard_quantize
     from duquant.kernels.triton_row_transform import duquant_quantize_rows
     from duquant.kernels.triton_transform import duquant_quantize
     from duquant.transforms.hadamard import _base_matrix
-    x = torch.randn(m, k, device="cuda").to(torch.bfloat16)
+    k = x.shape[-1]
     if kernel == "hadamard":
         mm = HAD_M[k]
         had_m = None if mm == 1 else _base_matrix(mm).to("cuda", torch.float32)
-        a, s = hadamard_quantize(x, had_m, 4, 0.9, torch.int8, True, symmetric=True)
-        ar, sr = ref.hadamard_quantize_ref(x, had_m, 4, 0.9, symmetric=True)
+        a, s = hadamard_quantize(x, had_m, 4, 0.9, torch.int8, precise, symmetric=symmetric, **fused)
+        ar, sr = ref.hadamard_quantize_ref(ref_input, had_m, 4, 0.9, symmetric=symmetric)
     else:
         n = _block(k)
         args = (_orthogonal(n), torch.randperm(k, device="cuda"), _orthogonal(n), None)
         if kernel == "rows":
-            a, s = duquant_quantize_rows(x, *args, 4, 0.9, torch.int8, True, symmetric=True)
+            a, s = duquant_quantize_rows(x, *args, 4, 0.9, torch.int8, precise, symmetric=symmetric, **fused)
         else:
-            a, s = duquant_quantize(x, *args, 4, 0.9, torch.int8, True, fused=kernel == "one-launch", symmetric=True)
-        ar, sr = ref.transform_quantize_ref(x, *args, 4, 0.9, symmetric=True)
+            a, s = duquant_quantize(x, *args, 4, 0.9, torch.int8, precise, fused=kernel == "one-launch",
+                                    symmetric=symmetric, **fused)
+        ar, sr = ref.transform_quantize_ref(ref_input, *args, 4, 0.9, symmetric=symmetric)
     torch.cuda.synchronize()
+    return a, s, ar, sr
+
+
+@pytest.mark.parametrize("kernel", ["one-launch", "three-launch", "rows", "hadamard"])
+@pytest.mark.parametrize("m, k", [(1, 1536), (33, 11008), (2048, 4096)])
+def test_symmetric_activations(kernel: str, m: int, k: int) -> None:
+    """QuaRot's symmetric per-token quantization (z = 8, codes in [−8, 7]) in every transform kernel."""
+    x = torch.randn(m, k, device="cuda").to(torch.bfloat16)
+    a, s, ar, sr = _transform_and_reference(kernel, x, x, True, symmetric=True)
     assert int(a.min()) >= -8 and int(a.max()) <= 7
     _check_codes(a, s, ar, sr, True)
 
@@ -108,61 +119,23 @@ def test_symmetric_activations(kernel: str, m: int, k: int) -> None:
 def test_fused_rms_norm(kernel: str, m: int, k: int) -> None:
     """norm=InputNorm(w, eps) in the transform (x·w quantized, scale / rms(x)) against
     RMSNorm then transform; twice in a row, so a Σx² scratch left dirty would show."""
-    from duquant.kernels import reference as ref
     from duquant.kernels.norm import InputNorm, rms_norm_ref
-    from duquant.kernels.triton_hadamard import hadamard_quantize
-    from duquant.kernels.triton_row_transform import duquant_quantize_rows
-    from duquant.kernels.triton_transform import duquant_quantize
-    from duquant.transforms.hadamard import _base_matrix
     x = (torch.randn(m, k, device="cuda") * (torch.rand(m, 1, device="cuda") * 30 + 0.1)).to(torch.bfloat16)
     norm = InputNorm((torch.rand(k, device="cuda") + 0.5).to(torch.bfloat16), 1e-5)
     xn = rms_norm_ref(x, norm)
     for _ in range(2):
-        if kernel == "hadamard":
-            mm = HAD_M[k]
-            had_m = None if mm == 1 else _base_matrix(mm).to("cuda", torch.float32)
-            a, s = hadamard_quantize(x, had_m, 4, 0.9, torch.int8, False, norm=norm)
-            ar, sr = ref.hadamard_quantize_ref(xn, had_m, 4, 0.9)
-        else:
-            n = _block(k)
-            args = (_orthogonal(n), torch.randperm(k, device="cuda"), _orthogonal(n), None)
-            if kernel == "rows":
-                a, s = duquant_quantize_rows(x, *args, 4, 0.9, torch.int8, False, norm=norm)
-            else:
-                a, s = duquant_quantize(x, *args, 4, 0.9, torch.int8, False, fused=kernel == "one-launch", norm=norm)
-            ar, sr = ref.transform_quantize_ref(xn, *args, 4, 0.9)
-        torch.cuda.synchronize()
-        _check_codes(a, s, ar, sr, False)
+        _check_codes(*_transform_and_reference(kernel, x, xn, False, norm=norm), False)
 
 
 @pytest.mark.parametrize("kernel", ["one-launch", "three-launch", "rows", "hadamard"])
 @pytest.mark.parametrize("m, k", [(1, 1536), (33, 11008), (2048, 11008)])
 def test_fused_swiglu(kernel: str, m: int, k: int) -> None:
-    """up=...: silu(gate)·up formed in the transform kernel, against forming it in bf16 first."""
-    from duquant.kernels import reference as ref
+    """up=...: silu(gate)·up formed in the transform kernel, against forming it first."""
     from duquant.kernels.norm import swiglu_ref
-    from duquant.kernels.triton_hadamard import hadamard_quantize
-    from duquant.kernels.triton_row_transform import duquant_quantize_rows
-    from duquant.kernels.triton_transform import duquant_quantize
-    from duquant.transforms.hadamard import _base_matrix
     gate = (torch.randn(m, k, device="cuda") * 2).to(torch.bfloat16)
     up = torch.randn(m, k, device="cuda").to(torch.bfloat16)
     h = swiglu_ref(gate.float(), up.float())  # float32, as the kernel forms it
-    if kernel == "hadamard":
-        mm = HAD_M[k]
-        had_m = None if mm == 1 else _base_matrix(mm).to("cuda", torch.float32)
-        a, s = hadamard_quantize(gate, had_m, 4, 0.9, torch.int8, False, up=up)
-        ar, sr = ref.hadamard_quantize_ref(h, had_m, 4, 0.9)
-    else:
-        n = _block(k)
-        args = (_orthogonal(n), torch.randperm(k, device="cuda"), _orthogonal(n), None)
-        if kernel == "rows":
-            a, s = duquant_quantize_rows(gate, *args, 4, 0.9, torch.int8, False, up=up)
-        else:
-            a, s = duquant_quantize(gate, *args, 4, 0.9, torch.int8, False, fused=kernel == "one-launch", up=up)
-        ar, sr = ref.transform_quantize_ref(h, *args, 4, 0.9)
-    torch.cuda.synchronize()
-    _check_codes(a, s, ar, sr, False)
+    _check_codes(*_transform_and_reference(kernel, gate, h, False, up=up), False)
 
 
 def test_one_launch_transform_repeats_and_replays() -> None:

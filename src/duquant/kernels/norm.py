@@ -31,6 +31,13 @@ def rms_norm_ref(x: torch.Tensor, norm: InputNorm) -> torch.Tensor:
     return y if norm.weight is None else norm.weight.to(x.dtype) * y
 
 
+def check_one_fused_op(norm: InputNorm | None, up: torch.Tensor | None) -> None:
+    """A transform absorbs the norm in front of it or the SwiGLU product, never both (no
+    LLaMA activation has both, and their order would be ambiguous)."""
+    if norm is not None and up is not None:
+        raise ValueError("a transform absorbs an RMSNorm or a SwiGLU product, not both")
+
+
 def swiglu_ref(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     """transformers' LLaMA MLP activation: silu(gate) · up, in the inputs' dtype."""
     return torch.nn.functional.silu(gate) * up

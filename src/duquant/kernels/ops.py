@@ -13,7 +13,7 @@ import os
 import torch
 
 from duquant.kernels import reference as ref
-from duquant.kernels.norm import InputNorm, rms_norm_ref, swiglu_ref
+from duquant.kernels.norm import InputNorm, check_one_fused_op, rms_norm_ref, swiglu_ref
 from duquant.kernels.weight import PackedWeight
 
 # Largest token count served by the packed-weight decode kernels. Its first version is
@@ -69,8 +69,7 @@ def _leading(x: torch.Tensor) -> tuple[int, ...]:
 
 def _fused_input_ref(x: torch.Tensor, norm: InputNorm | None, up: torch.Tensor | None) -> torch.Tensor:
     """What the kernels transform when they absorb the op before them (the reference path)."""
-    if norm is not None and up is not None:
-        raise ValueError("a transform absorbs an RMSNorm or a SwiGLU product, not both")
+    check_one_fused_op(norm, up)
     if norm is not None:
         x = rms_norm_ref(x, norm)
     return x if up is None else swiglu_ref(x, up)

@@ -29,8 +29,7 @@ import triton.language as tl
 
 from duquant.kernels.triton_quant import centered_codes, token_qparams
 from duquant.kernels.norm import InputNorm
-from duquant.kernels.triton_transform import (_buffer, _dot, gate_and_up_rows, prepared_factors, rotation_block,
-                                               token_rows_and_outputs)
+from duquant.kernels.triton_transform import _buffer, _dot, prepared_factors, rotation_block, token_rows_and_outputs
 
 
 @triton.jit
@@ -102,10 +101,7 @@ def duquant_quantize_rows(x: torch.Tensor, rot1: torch.Tensor | None, perm: torc
     """Same contract as `triton_transform.duquant_quantize`: x [..., K] -> (a [M, K], scale [M])."""
     k = x.shape[-1]
     n = rotation_block(k, rot1, rot2)
-    if norm is not None and up is not None:
-        raise ValueError("a transform absorbs an RMSNorm or a SwiGLU product, not both")
-    x2, up2 = gate_and_up_rows(x, up)
-    x2, out, scale = token_rows_and_outputs(x2, out_dtype)
+    x2, up2, out, scale = token_rows_and_outputs(x, out_dtype, up, norm)
     m = x2.shape[0]
     if m == 0:
         return out, scale

@@ -36,7 +36,7 @@ import torch
 import triton
 import triton.language as tl
 
-from duquant.kernels.norm import InputNorm
+from duquant.kernels.norm import InputNorm, check_one_fused_op
 from duquant.kernels.triton_quant import centered_codes, token_qparams
 
 
@@ -315,30 +315,28 @@ def fused_default(x: torch.Tensor, m: int, programs: int) -> bool:
     return forced == "1" if forced in ("0", "1") else m <= FUSED_MAX_M
 
 
-def token_rows_and_outputs(x: torch.Tensor, out_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """x as a row-contiguous [M, K] view, and the empty codes [M, K] and scales [M]."""
+def token_rows_and_outputs(x: torch.Tensor, out_dtype: torch.dtype, up: torch.Tensor | None = None,
+                           norm: InputNorm | None = None) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor,
+                                                                    torch.Tensor]:
+    """What every transform kernel's host code starts with: x as a row-contiguous [M, K]
+    view, the SwiGLU `up` (None: none) as [M, K] with x's strides (the kernels read both
+    with x's), and the empty codes [M, K] and scales [M]. Checks that at most one op is fused."""
+    check_one_fused_op(norm, up)
     k = x.shape[-1]
     x2 = x.reshape(-1, k)
+    up2 = None
+    if up is not None:
+        if up.shape != x.shape:
+            raise ValueError(f"gate {tuple(x.shape)} and up {tuple(up.shape)} differ")
+        up2 = up.reshape(-1, k)
+        if up2.stride() != x2.stride():
+            x2, up2 = x2.contiguous(), up2.contiguous()
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
+        up2 = None if up2 is None else up2.contiguous()
     m = x2.shape[0]
-    return (x2, torch.empty((m, k), dtype=out_dtype, device=x.device),
+    return (x2, up2, torch.empty((m, k), dtype=out_dtype, device=x.device),
             torch.empty((m,), dtype=torch.float32, device=x.device))
-
-
-def gate_and_up_rows(x: torch.Tensor, up: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """x and up (None: no SwiGLU input) as [M, K] views with the same strides (the kernels
-    read both with x's)."""
-    k = x.shape[-1]
-    x2 = x.reshape(-1, k)
-    if up is None:
-        return x2, None
-    if up.shape != x.shape:
-        raise ValueError(f"gate {tuple(x.shape)} and up {tuple(up.shape)} differ")
-    up2 = up.reshape(-1, k)
-    if up2.stride() != x2.stride() or x2.stride(-1) != 1:
-        x2, up2 = x2.contiguous(), up2.contiguous()
-    return x2, up2
 
 
 def rotation_block(k: int, rot1: torch.Tensor | None, rot2: torch.Tensor | None) -> int:
@@ -367,10 +365,7 @@ def two_stage_quantize(x: torch.Tensor, n1: int, rot1: torch.Tensor | None, dest
     NB·n2 = K). fused: one launch or three (default: `fused_default`). Returns
     (a [M, K] out_dtype, scale float32 [M])."""
     k = x.shape[-1]
-    if norm is not None and up is not None:
-        raise ValueError("a transform absorbs an RMSNorm or a SwiGLU product, not both")
-    x2, up2 = gate_and_up_rows(x, up)
-    x2, out, scale = token_rows_and_outputs(x2, out_dtype)
+    x2, up2, out, scale = token_rows_and_outputs(x, out_dtype, up, norm)
     m = x2.shape[0]
     if m == 0:
         return out, scale
