@@ -5,6 +5,7 @@
 #   kernel     duquant bench --level kernel (decode sizes, with the dp4a GEMV sweep; then prefill sizes)
 #   quantize   duquant bench --level quantize (DuQuant on the LLaMA-2-7B-shaped model)
 #   layer      duquant bench --level layer (bf16, w4a4, w4a4_fp8w, w4a4_fp8w_fused; eager and CUDA-graph prefill)
+#              (layer, e2e: DUQUANT_TRANSFORM_KERNEL=auto in the environment sends decode to the rows kernel)
 #   e2e        duquant bench --level e2e (bf16, w4a4, w4a4_fused)
 #   rows       duquant bench --level layer --variants bf16 w4a4_fp8w w4a4_fp8w_fused, rows transform kernel
 # Results land in $OUT as JSON + markdown (+ logs); copy them to results/ with the command line.
@@ -16,11 +17,11 @@ bench=(python3 -c "import sys; from duquant.bench import main; sys.exit(main(sys
 nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,temperature.gpu --format=csv,noheader | tee "$OUT/gpu.txt"
 case "${1:-}" in
   parity)
-    timeout 330 python3 -m pytest -q -p no:cacheprovider -rf --tb=short \
-      -k "transform or repeats or symmetric or real_quant or cuda or fused" tests/test_kernels_gpu.py tests/test_bench.py \
-      > "$OUT/pytest.log" 2>&1
+    timeout 330 python3 -m pytest -q -p no:cacheprovider -rf --tb=short tests/test_kernels_gpu.py \
+      tests/test_bench.py > "$OUT/pytest.log" 2>&1
     echo "pytest rc=$?"; grep -E "passed|failed|^FAILED|^E  " "$OUT/pytest.log" | head -30
-    timeout 220 python3 scripts/transform_timing.py --out-json "$OUT/transform.json" --ms 1 16 2048 8192 32768 | tail -14
+    timeout 200 python3 scripts/transform_timing.py --out-json "$OUT/transform.json" --ms 1 16 64 2048 8192 \
+      > "$OUT/transform.log" 2>&1; tail -14 "$OUT/transform.log"
     ;;
   kernel)
     timeout 280 "${bench[@]}" --level kernel --ms 1 4 16 64 --out-json "$OUT/kernel_decode.json" --out-md "$OUT/kernel_decode.md" \

@@ -36,9 +36,9 @@ def main() -> None:
                                                             fused=fused)
                 r[f"{name}_eager_us"] = _bench(call)
                 r[f"{name}_graph_us"] = _graph_bench([call] * 4)
-            rows = lambda: duquant_quantize_rows(x, r1, perm, r2, smooth, out_dtype=torch.float8_e4m3fn)  # noqa: E731
-            r["rows_eager_us"] = _bench(rows)
-            r["rows_graph_us"] = _graph_bench([rows] * 4)
+            row_call = lambda: duquant_quantize_rows(x, r1, perm, r2, smooth, out_dtype=torch.float8_e4m3fn)  # noqa: E731
+            r["rows_eager_us"] = _bench(row_call)
+            r["rows_graph_us"] = _graph_bench([row_call] * 4)
             if m == 2048:  # tile sweep of the three-launch form (GPU time)
                 for bm, sub, wp in ((64, 1, 4), (64, 2, 4), (64, 4, 4), (64, 8, 4), (64, 4, 8), (128, 2, 8), (32, 8, 4)):
                     r[f"three_bm{bm}_sub{sub}_w{wp}_graph_us"] = _graph_bench([lambda bm=bm, sub=sub, wp=wp: duquant_quantize(

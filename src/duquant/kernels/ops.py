@@ -32,8 +32,17 @@ HADAMARD_KERNEL_VERIFIED = os.environ.get("DUQUANT_HADAMARD_KERNEL", "1") == "1"
 # Kernel of the DuQuant transform: "tiles" (triton_transform: (token tile × block) programs,
 # one or three launches; measured on the H100) or "rows" (triton_row_transform: whole rows
 # per program, the blocks as the MMA's M dimension; parity-checked on CPU with Triton's
-# interpreter, not yet timed on a GPU). DUQUANT_TRANSFORM_KERNEL=rows selects the second.
+# interpreter, not yet timed on a GPU). DUQUANT_TRANSFORM_KERNEL=rows selects the second,
+# =auto the rows kernel up to ROWS_MAX_M tokens (decode) and the tiles kernel above.
 TRANSFORM_KERNEL = os.environ.get("DUQUANT_TRANSFORM_KERNEL", "tiles")
+ROWS_MAX_M = int(os.environ.get("DUQUANT_ROWS_MAX_M", "64"))
+
+
+def transform_kernel(m: int) -> str:
+    """Which DuQuant transform kernel runs for m tokens: "tiles" or "rows"."""
+    if TRANSFORM_KERNEL == "auto":
+        return "rows" if m <= ROWS_MAX_M else "tiles"
+    return TRANSFORM_KERNEL
 # Carrier of the prefill GEMM: "fp8" (cuBLAS _scaled_mm) or "int8" (Triton). Chosen from
 # results/kernels (the faster one on H100 at LLaMA-2-7B shapes).
 PREFILL_CARRIER = "fp8"
@@ -91,7 +100,7 @@ def transform_quantize(x: torch.Tensor, rot1: torch.Tensor | None = None, perm: 
     m = x.numel() // x.shape[-1]
     out_dtype = out_dtype or act_dtype(m)
     if use_triton(x):
-        if TRANSFORM_KERNEL == "rows":
+        if transform_kernel(m) == "rows":
             from duquant.kernels.triton_row_transform import duquant_quantize_rows
             a, s = duquant_quantize_rows(x, rot1, perm, rot2, smooth, bits, clip, out_dtype, precise,
                                          symmetric=symmetric, norm=norm, up=up)
