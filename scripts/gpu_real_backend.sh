@@ -18,8 +18,6 @@ for backend in simulated real; do
   python3 -m duquant.cli eval "$q" --ppl wikitext2,c4 --backend "$backend" --quiet \
     --json "$OUT/eval_$backend.json" 2>&1 | tail -4
 done
-python3 -m duquant.cli eval "$q" --ppl wikitext2 --backend real --prefill-weight fp8 --quiet \
-  --json "$OUT/eval_real_fp8w.json" 2>&1 | tail -3
 python3 -m duquant.cli eval "$q" --ppl wikitext2,c4 --backend real --fuse --quiet \
   --json "$OUT/eval_real_fused.json" 2>&1 | tail -3
 python3 -m duquant.cli generate "$q" --backend real --chat --max-new-tokens 40 \

@@ -31,6 +31,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--layers", type=int, default=None,
                    help="e2e/quantize: decoder layers (default 32, as LLaMA-2-7B; the layer level uses 1)")
     p.add_argument("--nsamples", type=int, default=128, help="quantize: calibration sequences of 2048 tokens")
+    p.add_argument("--calib-batch-size", type=int, default=1,
+                   help="quantize: calibration sequences per layer forward")
     p.add_argument("--no-profile", action="store_true", help="layer: skip the kernel-time breakdown")
     p.add_argument("--no-graph-prefill", action="store_true",
                    help="layer/e2e: skip the CUDA-graph prefill timings (eager prefill only)")
@@ -51,7 +53,8 @@ def main(argv: list[str] | None = None) -> int:
         run_kernel_bench(LLAMA2_7B_SHAPES, args.ms or DEFAULT_MS, args.out_json, args.out_md)
     elif args.level == "quantize":
         from duquant.bench.quantization import run_quantize_bench
-        run_quantize_bench(args.layers or 32, args.nsamples, out_json=args.out_json, out_md=args.out_md)
+        run_quantize_bench(args.layers or 32, args.nsamples, out_json=args.out_json, out_md=args.out_md,
+                           batch_size=args.calib_batch_size)
     else:
         from duquant.bench.layer import run_layer_bench
         run_layer_bench(args.level, args.batches, args.decode_batches, args.layers, args.out_json, args.out_md,

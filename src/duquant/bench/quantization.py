@@ -92,13 +92,14 @@ def _progress_writer(out_json: str | None, meta: dict, start: float) -> Callable
 def run_quantize_bench(layers: int = 32, nsamples: int = 128, seqlen: int = 2048, out_json: str | None = None,
                        out_md: str | None = None, *, device: str | torch.device = "cuda",
                        dtype: torch.dtype | None = None, config=None, seed: int = 0, progress: bool = True,
-                       offload: bool | None = None, **quant_settings) -> dict:
+                       offload: bool | None = None, batch_size: int = 1, **quant_settings) -> dict:
     """Build the random model, quantize it with DuQuant, report the runtime.
 
     config: a LlamaConfig (default LLaMA-2-7B shapes with `layers` layers); dtype: default
     float16 on CUDA, float32 on the CPU; offload: keep calibration activations on the CPU
     (None: the pipeline decides; 128 × 2048 × 4096 fp16 is 2 GiB per copy, which fits an
-    80 GB GPU next to the 13.5 GB model); quant_settings: QuantConfig overrides (default:
+    80 GB GPU next to the 13.5 GB model); batch_size: calibration sequences per layer
+    forward (fewer, larger launches; the statistics are the same up to rounding); quant_settings: QuantConfig overrides (default:
     the DuQuant W4A4 defaults)."""
     from duquant.config import QuantConfig
     from duquant.modeling.qlinear import QuantLinear
@@ -114,7 +115,7 @@ def run_quantize_bench(layers: int = 32, nsamples: int = 128, seqlen: int = 2048
             "layers": config.num_hidden_layers, "hidden": config.hidden_size, "intermediate": config.intermediate_size,
             "calibration": f"{nsamples} x {seqlen} random token ids (torch.randint, seed {seed})",
             "quant_config": qconfig.to_dict(), "method": qconfig.describe(),
-            "offload": "auto" if offload is None else offload}
+            "offload": "auto" if offload is None else offload, "batch_size": batch_size}
 
     t = time.perf_counter()
     model = random_llama(config, device, dtype, seed)
@@ -125,7 +126,8 @@ def run_quantize_bench(layers: int = 32, nsamples: int = 128, seqlen: int = 2048
 
     start = time.perf_counter()
     with stage_timers(pipeline, list(STAGES), device, _progress_writer(out_json, meta, start)) as stages:
-        report = pipeline.quantize(model, qconfig, calibration, device=device, offload=offload, progress=progress)
+        report = pipeline.quantize(model, qconfig, calibration, device=device, offload=offload, progress=progress,
+                                  batch_size=batch_size)
     synchronize(device)
     wall_s = time.perf_counter() - start
 
@@ -154,7 +156,7 @@ def markdown(r: dict) -> str:
     shape = f"{shape_label(m['hidden'], m['intermediate'])}, {m['layers']} layers"
     peak = "—" if r["peak_bytes"] is None else f"{r['peak_bytes'] / 2**30:.1f} GiB"
     lines = [f"## quantize: {m['method']} runtime, {shape}, random weights, {m['dtype']}", "",
-             f"{environment_line(m)}. Calibration: {m['calibration']}. One run (no repetition); "
+             f"{environment_line(m)}. Calibration: {m['calibration']}, {m.get('batch_size', 1)} per forward. One run (no repetition); "
              f"`duquant.quantize` with QuantConfig(method=\"duquant\") defaults, layer by layer on {m['device']}.", "",
              "| measure | seconds |", "|---|---|",
              f"| **total (report.seconds)** | **{r['total_s']:.1f}** |",
