@@ -96,6 +96,27 @@ def test_gemv_strided_activations() -> None:
         assert _rel(y, yr) < 1e-6
 
 
+@pytest.mark.parametrize("waves", [0, 8])  # one split (direct store), several splits
+def test_gemv_workspace_pointers_have_their_own_dtypes(monkeypatch: pytest.MonkeyPatch, waves: int) -> None:
+    """The GEMV is compiled for the pointer types it is given, whatever split_k is at run
+    time: the arrival counters must be int32 and the sums float32 even with one split (a bf16
+    dummy there failed to compile on the H100: no bf16 atomic_xchg; the interpreter accepts it)."""
+    from duquant.kernels import triton_decode as dec
+    seen = {}
+
+    class Recorder:
+        def __getitem__(self, grid):
+            def launch(*args, **kw):
+                seen["split_k"], seen["ws"], seen["cnt"] = grid[1], args[7].dtype, args[8].dtype
+            return launch
+
+    monkeypatch.setattr(dec, "w4a8_gemv_kernel", Recorder())
+    pw, a, s_x, bias = _case(1, 40, 64)
+    dec.w4a8_gemv(a, s_x, pw.packed, pw.scale, pw.zero, bias, block_n=16, block_k=32, waves=waves)
+    assert (seen["split_k"] == 1) == (waves == 0)
+    assert (seen["ws"], seen["cnt"]) == (torch.float32, torch.int32)
+
+
 def test_ops_dispatches_small_m_to_gemv(monkeypatch: pytest.MonkeyPatch) -> None:
     from duquant.kernels import ops
     from duquant.kernels import triton_decode as dec

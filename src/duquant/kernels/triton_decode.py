@@ -429,7 +429,9 @@ def w4a8_gemv(a: torch.Tensor, s_x: torch.Tensor, packed: torch.Tensor, w_scale:
     aligned = sa % 4 == 0 and sw % 4 == 0 and (k // 8) % 4 == 0
     out = torch.empty((m, n), dtype=out_dtype, device=a.device)
     n_tiles = triton.cdiv(n, cfg["BLOCK_N"])
-    ws, cnt = _gemv_workspace(m * n, n_tiles, a.device) if split_k > 1 else (out, out)
+    # One split never touches the workspace, but the kernel is compiled for its pointer types
+    # (split_k is a runtime value): the counters must be int32 whatever out's dtype.
+    ws, cnt = _gemv_workspace(m * n if split_k > 1 else 1, n_tiles if split_k > 1 else 1, a.device)
     has_bias = bias is not None
     w4a8_gemv_kernel[(n_tiles, split_k)](
         a32, w32, s_x, w_scale, w_zero, bias if has_bias else out, out, ws, cnt,
