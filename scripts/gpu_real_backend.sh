@@ -14,10 +14,8 @@ if [ ! -f "$q/config.json" ]; then
   python3 -m duquant.cli quantize "$gguf" --method duquant --wbits 4 --abits 4 --calib c4 --nsamples 128 \
     --seqlen 2048 --out "$q" --overwrite --quiet --json "$OUT/quantize.json" 2>&1 | tail -3
 fi
-for backend in simulated real; do
-  python3 -m duquant.cli eval "$q" --ppl wikitext2,c4 --backend "$backend" --quiet \
-    --json "$OUT/eval_$backend.json" 2>&1 | tail -4
-done
+python3 -m duquant.cli eval "$q" --ppl wikitext2,c4 --backend simulated --quiet --json "$OUT/eval_simulated.json" 2>&1 | tail -4
+python3 -m duquant.cli eval "$q" --ppl wikitext2,c4 --backend real --no-fuse --quiet --json "$OUT/eval_real.json" 2>&1 | tail -4
 python3 -m duquant.cli eval "$q" --ppl wikitext2,c4 --backend real --fuse --quiet \
   --json "$OUT/eval_real_fused.json" 2>&1 | tail -3
 python3 -m duquant.cli generate "$q" --backend real --chat --max-new-tokens 40 \

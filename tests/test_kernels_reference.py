@@ -130,3 +130,28 @@ def test_ops_fall_back_to_references_on_cpu(gen: torch.Generator) -> None:
     assert y.shape == (2, 3, 40) and y.dtype == torch.bfloat16
     assert torch.equal(y.reshape(-1, 40), ref.w4a4_linear_ref(ar, sr, pw))
     assert torch.equal(ops.duquant_linear(x, pw, rot, perm, rot), y)
+
+
+def test_release_scratch_empties_the_kernel_caches():
+    """Benchmarks drop one variant's kernel scratch before building the next."""
+    import sys
+
+    from duquant.kernels import ops
+
+    ops.release_scratch()  # fine when no kernel module was ever imported
+    triton_transform = sys.modules.get("duquant.kernels.triton_transform")
+    if triton_transform is None:
+        pytest.importorskip("triton")
+        from duquant.kernels import triton_transform
+    triton_transform._BUF[("probe", torch.float32, torch.device("cpu"))] = torch.zeros(4)
+    ops.release_scratch()
+    assert not triton_transform._BUF
+
+
+def test_transform_kernel_choice(monkeypatch: pytest.MonkeyPatch):
+    from duquant.kernels import ops
+
+    monkeypatch.setattr(ops, "ROWS_MAX_M", 16)
+    for mode, small, large in (("tiles", "tiles", "tiles"), ("rows", "rows", "rows"), ("auto", "rows", "tiles")):
+        monkeypatch.setattr(ops, "TRANSFORM_KERNEL", mode)
+        assert (ops.transform_kernel(16), ops.transform_kernel(17)) == (small, large)

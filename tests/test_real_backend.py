@@ -115,7 +115,7 @@ def test_siblings_share_one_transform_per_activation(tokens, monkeypatch):
 
 @pytest.mark.parametrize("method", ["duquant", "quarot"])
 def test_fusion_keeps_the_logits_and_unfuses_cleanly(tokens, method):
-    """fuse=True: the RMSNorms in front of q/k/v and gate/up become pass-throughs and their
+    """fuse=True (the default): the RMSNorms in front of q/k/v and gate/up become pass-throughs and their
     consumers normalise inside the transform; down_proj forms silu(gate)·up in its own. On
     CPU the reference path computes both exactly as transformers does, so the logits are
     the unfused real backend's; unfusing gives the original modules and state_dict back."""
@@ -125,8 +125,8 @@ def test_fusion_keeps_the_logits_and_unfuses_cleanly(tokens, method):
     model = _quantized(tokens, method=method)
     keys = set(model.state_dict())
     plain = copy.deepcopy(model)
-    to_real_backend(plain)
-    report = to_real_backend(model, fuse=True)
+    to_real_backend(plain, fuse=False)
+    report = to_real_backend(model)  # fuse=True is the default
     assert len(report["fused"]) == 3 * model.config.num_hidden_layers
     layer = model.model.layers[0]
     assert isinstance(layer.input_layernorm, DeferredRMSNorm) and isinstance(layer.post_attention_layernorm,
@@ -142,7 +142,7 @@ def test_norms_with_a_simulated_consumer_stay(tokens):
     from duquant.modeling.fusion import fuse_norms
 
     model = _quantized(tokens)
-    to_real_backend(model)
+    to_real_backend(model, fuse=False)
     attn = model.model.layers[0].self_attn
     attn.k_proj = attn.k_proj.source  # one consumer back on the simulated path
     fused = fuse_norms(model)

@@ -57,14 +57,15 @@ def apply_backend(model, args: argparse.Namespace) -> dict | None:
     if getattr(args, "backend", "simulated") != "real":
         return None
     prefill = None if args.prefill_weight == "none" else args.prefill_weight
-    report = to_real_backend(model, prefill, fuse=getattr(args, "fuse", False))
+    report = to_real_backend(model, prefill, fuse=getattr(args, "fuse", True))
     if not report["real"]:
         raise ValueError("--backend real: the model has no quantized linear layer the W4A4 kernels cover "
                          "(they need 4-bit asymmetric weights and <=4-bit asymmetric per-token activations)")
     log.info("real backend: %d linear layers on W4A4 kernels, %d kept simulated%s", len(report["real"]),
              len(report["simulated"]), f" ({', '.join(report['simulated'][:3])}, ...)" if report["simulated"] else "")
     return {"backend": "real", "prefill_weight": prefill, "real_layers": len(report["real"]),
-            "simulated_layers": report["simulated"], "fused_modules": len(report["fused"])}
+            "simulated_layers": report["simulated"], "fuse": bool(report["fused"]),
+            "fused_modules": len(report["fused"])}
 
 
 def _print_table(rows: list[tuple[str, dict]], datasets: list[str]) -> None:

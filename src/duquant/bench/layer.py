@@ -28,6 +28,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from ..kernels import ops
 from .breakdown import breakdown_markdown, profile_breakdown
 from .output import write_results
 from .timing import (allocated_bytes, environment, environment_line, median_ms, peak_memory_bytes,
@@ -370,6 +371,7 @@ def bench_variant(config, variant: str, level: str, batches: list[int], decode_b
             print(f"{variant} decode b={b}: {m['ms']:.3f} ms/step ({m['tokens_per_s']:.0f} tok/s, {m['mode']}), "
                   f"peak {_gib(m['peak_bytes'])} GiB", flush=True)
     del model
+    ops.release_scratch()  # the next variant starts without this one's kernel scratch
     _release(device)
     return r
 

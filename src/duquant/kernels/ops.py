@@ -30,12 +30,12 @@ DECODE_GEMV_MAX_M = 16
 # reference on every device.
 HADAMARD_KERNEL_VERIFIED = os.environ.get("DUQUANT_HADAMARD_KERNEL", "1") == "1"
 # Kernel of the DuQuant transform: "tiles" (triton_transform: (token tile × block) programs,
-# one or three launches; measured on the H100) or "rows" (triton_row_transform: whole rows
-# per program, the blocks as the MMA's M dimension; parity-checked on CPU with Triton's
-# interpreter, not yet timed on a GPU). DUQUANT_TRANSFORM_KERNEL=rows selects the second,
-# =auto the rows kernel up to ROWS_MAX_M tokens (decode) and the tiles kernel above.
+# one or three launches) or "rows" (triton_row_transform: whole rows per program, the blocks
+# as the MMA's M dimension). Measured on the H100 (results/kernels/NOTES.md, session 4), rows
+# is faster only at M = 1, K = 4096 (12 vs 21 µs) and 2–4× slower elsewhere, so tiles is the
+# default. DUQUANT_TRANSFORM_KERNEL=rows selects rows, =auto rows up to ROWS_MAX_M tokens.
 TRANSFORM_KERNEL = os.environ.get("DUQUANT_TRANSFORM_KERNEL", "tiles")
-ROWS_MAX_M = int(os.environ.get("DUQUANT_ROWS_MAX_M", "64"))
+ROWS_MAX_M = int(os.environ.get("DUQUANT_ROWS_MAX_M", "1"))  # rows won only at M = 1 (K = 4096)
 
 
 def transform_kernel(m: int) -> str:
@@ -181,3 +181,17 @@ def duquant_linear(x: torch.Tensor, weight: PackedWeight, rot1: torch.Tensor | N
     """Whole W4A4 DuQuant linear: transform + quantize x, then the W4 GEMM. x [..., K] -> [..., N]."""
     a, s = transform_quantize(x, rot1, perm, rot2, smooth, bits, clip)
     return w4a4_linear(a, s, weight, bias, x.dtype if x.dtype != torch.float32 else torch.bfloat16)
+
+
+def release_scratch() -> None:
+    """Free the kernels' cached scratch buffers and split-K workspaces. They grow to the
+    largest call and stay (so repeated calls and CUDA graphs allocate nothing); drop them
+    between models, e.g. between benchmark variants, so that one model's scratch does not
+    count as the next one's memory. Never while a captured graph that uses them is alive."""
+    import sys
+
+    for module_name, cache in (("duquant.kernels.triton_transform", "_BUF"),
+                               ("duquant.kernels.triton_decode", "_GEMV_WS")):
+        module = sys.modules.get(module_name)  # not imported: nothing cached
+        if module is not None:
+            getattr(module, cache).clear()

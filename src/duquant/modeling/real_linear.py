@@ -206,10 +206,11 @@ def _same(a: torch.Tensor | None, b: torch.Tensor | None) -> bool:
 
 
 def to_real_backend(model: nn.Module, prefill_weight: str | None = None,
-                    fuse: bool = False) -> dict[str, list[str]]:
+                    fuse: bool = True) -> dict[str, list[str]]:
     """Swap every `QuantLinear` of `model` that the kernels cover for a `RealQuantLinear`
     (in place); fuse: also fold the RMSNorms in front of them and SwiGLU's silu(gate)·up
-    into their transform kernels (`modeling.fusion`). Returns {"real": [names],
+    into their transform kernels (`modeling.fusion`; on by default: on the H100 it gave the
+    same SmolLM2 perplexity and a faster layer, results/kernels/NOTES.md session 4). Returns {"real": [names],
     "simulated": [names kept simulated], "fused": [names of the fused norms and MLPs]}."""
     real = _swap(model, QuantLinear, lambda layer: RealQuantLinear(layer, prefill_weight) if supports_real(layer) else None)
     share_sibling_transforms(model)
