@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU experiments of issue 4, one device call per step (each fits the 10-minute limit).
 # Usage on the device machine, repo root: OUT=$OUT bash scripts/gpu_issue4.sh STEP
-#   parity     transform/rows/symmetric/real-backend/bench GPU tests, then the transform timing table
+#   parity     GPU tests of the transform kernels (tiles, rows, fused norm/SwiGLU, symmetric), then the transform timing table
 #   kernel     duquant bench --level kernel (decode sizes, with the dp4a GEMV sweep; then prefill sizes)
 #   parity-rest  the GPU tests `parity` did not reach in its time
 #   quantize   duquant bench --level quantize (DuQuant on the LLaMA-2-7B-shaped model; CALIB_BATCH=8: 8 per forward)
@@ -18,13 +18,14 @@ bench=(python3 -c "import sys; from duquant.bench import main; sys.exit(main(sys
 nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,temperature.gpu --format=csv,noheader | tee "$OUT/gpu.txt"
 case "${1:-}" in
   parity)
-    timeout 330 python3 -m pytest -q -p no:cacheprovider -rf --tb=short tests/test_kernels_gpu.py \
-      tests/test_bench.py > "$OUT/pytest.log" 2>&1
+    # the transform kernels' cases (141, ~5 min of compiles); parity-rest runs the others
+    timeout 360 python3 -m pytest -q -p no:cacheprovider -rf --tb=short tests/test_kernels_gpu.py \
+      -k "transform or symmetric or fused or repeats" > "$OUT/pytest.log" 2>&1
     echo "pytest rc=$?"; grep -E "passed|failed|^FAILED|^E  " "$OUT/pytest.log" | head -30
     timeout 200 python3 scripts/transform_timing.py --out-json "$OUT/transform.json" --ms 1 16 64 2048 8192 \
       > "$OUT/transform.log" 2>&1; tail -14 "$OUT/transform.log"
     ;;
-  parity-rest)  # what `parity` leaves when its 330 s run out (compiles dominate), most needed first
+  parity-rest)  # the other GPU tests (GEMMs, GEMV, Hadamard, real backend, bench), most needed first
     t=tests/test_kernels_gpu.py
     timeout 400 python3 -m pytest -q -p no:cacheprovider -rf --tb=short $t::test_real_quant_linear_matches_simulated_on_gpu \
       $t::test_ops_end_to_end $t::test_prefill_gemm_int8_and_fp8 $t::test_decode_gemv_cuda_graph \

@@ -65,6 +65,20 @@ def test_fake_quant_keeps_dtype_and_none_is_identity():
     assert fake_quantize(x, None) is x
 
 
+@pytest.mark.parametrize("symmetric", [False, True])
+@pytest.mark.parametrize("group_size", [0, 16])
+def test_fake_quant_is_dequantize_of_quantize_and_leaves_x_alone(symmetric, group_size):
+    """The in-place fast path gives exactly quantize → dequantize, and a float32 input
+    (which `.to(float32)` does not copy) is not overwritten."""
+    x = torch.randn(6, 64) * torch.rand(6, 1) * 8
+    before = x.clone()
+    spec = QuantSpec(bits=4, symmetric=symmetric, clip=0.9, group_size=group_size)
+    scale, zero = compute_qparams(x, spec)
+    expected = dequantize(quantize(x, scale, zero, spec), scale, zero, group_size)
+    assert torch.equal(fake_quantize(x, spec), expected)
+    assert torch.equal(x, before)
+
+
 @pytest.mark.parametrize("bits", [1, 9, 16])
 def test_spec_rejects_bits(bits):
     with pytest.raises(ValueError):
