@@ -124,7 +124,7 @@ def main() -> None:
         if device.startswith("cuda"):
             torch.cuda.empty_cache()
 
-    lines = [f"| run | setting | " + " | ".join(datasets) + " | quantize s |", "|---|---|" + "---|" * len(datasets) + "---|"]
+    lines = ["| run | setting | " + " | ".join(datasets) + " | quantize s |", "|---|---|" + "---|" * len(datasets) + "---|"]
     for r in rows:
         ppl = " | ".join(f"{r['results'][d]['ppl']:.2f}" for d in datasets)
         lines.append(f"| {r['name']} | {r['label']} | {ppl} | {r['quantize_seconds']:.1f} |")

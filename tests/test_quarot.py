@@ -8,7 +8,6 @@ from conftest import tiny_model
 from duquant import QuantConfig, quantize
 from duquant.checkpoint import load_quantized, save_quantized
 from duquant.methods.quarot_rotation import residual_rotation
-from duquant.modeling.qlinear import QuantLinear
 
 
 def logits(model, tokens):

@@ -2,15 +2,11 @@
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
-import time
-from pathlib import Path
 
-import torch
 
-from .config import PRESETS, QuantConfig, preset_settings
+from .config import PRESETS, preset_settings
 
 log = logging.getLogger("duquant")
 

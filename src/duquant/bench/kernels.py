@@ -11,7 +11,6 @@ bytes than L2 holds), so each call reads its weight from HBM with no launch gaps
 """
 from __future__ import annotations
 
-import argparse
 import math
 import statistics
 from typing import Callable

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..kernels.norm import InputNorm, rms_norm_ref, swiglu_ref
+from ..kernels.norm import InputNorm, rms_norm_ref
 from .adapters import adapter_for
 
 
