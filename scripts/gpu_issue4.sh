@@ -9,6 +9,7 @@
 #              (layer, e2e: DUQUANT_TRANSFORM_KERNEL=auto in the environment sends decode to the rows kernel)
 #   e2e        duquant bench --level e2e (bf16, w4a4, w4a4_fused)
 #   rows       duquant bench --level layer --variants bf16 w4a4_fp8w w4a4_fp8w_fused, rows transform kernel
+#   three      the same layer bench (bf16, w4a4_fp8w_fused) with the three-launch transform at every M
 # Results land in $OUT as JSON + markdown (+ logs); copy them to results/ with the command line.
 set -uo pipefail
 OUT=${OUT:-out}
@@ -52,7 +53,12 @@ case "${1:-}" in
       --out-json "$OUT/layer_rows.json" --out-md "$OUT/layer_rows.md" > "$OUT/layer_rows.log" 2>&1
     grep -E "^\| (prefill|decode)" "$OUT/layer_rows.md"
     ;;
+  three)  # the three-launch transform everywhere: graph timings should drop (less GPU time), eager rise
+    DUQUANT_FUSED_TRANSFORM=0 timeout 560 "${bench[@]}" --level layer --variants bf16 w4a4_fp8w_fused \
+      --out-json "$OUT/layer_three.json" --out-md "$OUT/layer_three.md" > "$OUT/layer_three.log" 2>&1
+    grep -E "^\| (prefill|decode)" "$OUT/layer_three.md"
+    ;;
   *)
-    echo "usage: OUT=\$OUT bash scripts/gpu_issue4.sh {parity|kernel|quantize|layer|e2e|rows}"; exit 2
+    echo "usage: OUT=\$OUT bash scripts/gpu_issue4.sh {parity|parity-rest|kernel|quantize|layer|e2e|rows|three}"; exit 2
     ;;
 esac
