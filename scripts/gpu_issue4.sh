@@ -3,10 +3,10 @@
 # Usage on the device machine, repo root: OUT=$OUT bash scripts/gpu_issue4.sh STEP
 #   parity     GPU tests of the transform kernels (tiles, rows, fused norm/SwiGLU, symmetric), then the transform timing table
 #   kernel     duquant bench --level kernel (decode sizes, with the dp4a GEMV sweep; then prefill sizes)
-#   parity-rest  the GPU tests `parity` did not reach in its time
+#   parity-rest  the other GPU tests (GEMMs, GEMV, Hadamard, real backend, bench)
 #   quantize   duquant bench --level quantize (DuQuant on the LLaMA-2-7B-shaped model; CALIB_BATCH=8: 8 per forward)
 #   layer      duquant bench --level layer (bf16, w4a4, w4a4_fp8w, w4a4_fp8w_fused; eager and CUDA-graph prefill)
-#              (layer, e2e: DUQUANT_TRANSFORM_KERNEL=auto in the environment sends decode to the rows kernel)
+#              (layer, e2e: DUQUANT_TRANSFORM_KERNEL=auto in the environment sends M ≤ DUQUANT_ROWS_MAX_M to the rows kernel)
 #   e2e        duquant bench --level e2e (bf16, w4a4, w4a4_fused)
 #   rows       duquant bench --level layer --variants bf16 w4a4_fp8w w4a4_fp8w_fused, rows transform kernel
 #   three      the same layer bench (bf16, w4a4_fp8w_fused) with the three-launch transform at every M
@@ -19,7 +19,7 @@ bench=(python3 -c "import sys; from duquant.bench import main; sys.exit(main(sys
 nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,temperature.gpu --format=csv,noheader | tee "$OUT/gpu.txt"
 case "${1:-}" in
   parity)
-    # the transform kernels' cases (141, ~5 min of compiles); parity-rest runs the others
+    # the transform kernels' 128 cases (~5 min of compiles); parity-rest runs the others
     timeout 360 python3 -m pytest -q -p no:cacheprovider -rf --tb=short tests/test_kernels_gpu.py \
       -k "transform or symmetric or fused or repeats" > "$OUT/pytest.log" 2>&1
     echo "pytest rc=$?"; grep -E "passed|failed|^FAILED|^E  " "$OUT/pytest.log" | head -30

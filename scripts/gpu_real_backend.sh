@@ -3,8 +3,8 @@
 # Here, first: ../shared/tools/split-smollm2.sh. Call 1 carries .carry/smollm2-a (any command);
 # call 2, at once, carries .carry/smollm2-b and runs: OUT=$OUT bash scripts/gpu_real_backend.sh
 # Quantizes DuQuant W4A4 (C4 128×2048 calibration, seed 0, as results/smollm2), saves it, then
-# evaluates the saved model with --backend simulated and --backend real (all windows), and
-# generates a sample in real mode. Lands in $OUT: quantize.json, eval_{simulated,real}.json, logs.
+# evaluates the saved model with --backend simulated, real --no-fuse and real --fuse (all windows), and
+# generates a sample in real mode. Lands in $OUT: quantize.json, eval_{simulated,real,real_fused}.json, logs.
 set -uo pipefail
 source "$(dirname "$0")/gpu_setup.sh"
 OUT=${OUT:-out}

@@ -5,7 +5,6 @@ import argparse
 import logging
 import sys
 
-
 from .config import PRESETS, preset_settings
 
 log = logging.getLogger("duquant")

@@ -185,27 +185,17 @@ def prefill_fn(model: nn.Module, batch: int, seq: int, e2e: bool, device: torch.
 
 
 def measure_prefill(model: nn.Module, batch: int, seq: int, e2e: bool, device: torch.device, reps: int = 10,
-                    warmup: int = 3) -> dict[str, object]:
+                    warmup: int = 3, graph: bool = False) -> dict[str, object]:
+    """ms of one prefill forward (median of `reps` after `warmup`). graph: the same forward
+    recorded once in a CUDA graph and timed over replays, the GPU time without the host's
+    launch overhead (what a server that captures its prefill shapes sees; eager prefill at
+    batch 1 is host-bound on the H100 machine). CUDA only."""
     fn = prefill_fn(model, batch, seq, e2e, device)
     _release(device)
     with torch.no_grad():
-        ms = median_ms(fn, device, reps, warmup)
+        ms = median_ms(capture_graph(fn) if graph else fn, device, reps, warmup)
     return {"ms": ms, "tokens_per_s": batch * seq / ms * 1e3, "peak_bytes": peak_memory_bytes(device),
-            "reps": reps, "warmup": warmup}
-
-
-def measure_prefill_graph(model: nn.Module, batch: int, seq: int, e2e: bool, device: torch.device, reps: int = 10,
-                          warmup: int = 3) -> dict[str, object]:
-    """The same forward recorded in a CUDA graph and timed over replays: the GPU time of a
-    prefill without the host's launch overhead (what a server that captures its prefill
-    shapes sees; eager prefill at batch 1 is host-bound on the H100 machine). CUDA only."""
-    fn = prefill_fn(model, batch, seq, e2e, device)
-    _release(device)
-    with torch.no_grad():
-        replay = capture_graph(fn)
-        ms = median_ms(replay, device, reps, warmup)
-    return {"ms": ms, "tokens_per_s": batch * seq / ms * 1e3, "peak_bytes": peak_memory_bytes(device),
-            "reps": reps, "warmup": warmup, "mode": "cuda-graph"}
+            "reps": reps, "warmup": warmup, **({"mode": "cuda-graph"} if graph else {})}
 
 
 # --- decode ----------------------------------------------------------------------------
@@ -356,7 +346,7 @@ def bench_variant(config, variant: str, level: str, batches: list[int], decode_b
             print(f"{variant} prefill b={b}: {m['ms']:.3f} ms, peak {_gib(m['peak_bytes'])} GiB", flush=True)
         if graph_prefill and device.type == "cuda":
             g = _attempt(f"{variant} prefill (CUDA graph) b={b}", errors,
-                         lambda b=b, n=b_reps: measure_prefill_graph(model, b, seq, e2e, device, reps=n), device)
+                         lambda b=b, n=b_reps: measure_prefill(model, b, seq, e2e, device, reps=n, graph=True), device)
             if g is not None:
                 r.setdefault("prefill_graph", {})[str(b)] = g
                 print(f"{variant} prefill b={b} (CUDA graph): {g['ms']:.3f} ms", flush=True)

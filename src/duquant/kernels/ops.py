@@ -76,8 +76,10 @@ def _leading(x: torch.Tensor) -> tuple[int, ...]:
     return tuple(x.shape[:-1])
 
 
-def _fused_input_ref(x: torch.Tensor, norm: InputNorm | None, up: torch.Tensor | None) -> torch.Tensor:
-    """What the kernels transform when they absorb the op before them (the reference path)."""
+def fused_input_ref(x: torch.Tensor, norm: InputNorm | None, up: torch.Tensor | None) -> torch.Tensor:
+    """What the kernels transform when they absorb the op before them: RMSNorm(x) with
+    `norm`, silu(x)·up with `up` (the reference path, and the host path of a layer whose
+    transform no kernel covers whole)."""
     check_one_fused_op(norm, up)
     if norm is not None:
         x = rms_norm_ref(x, norm)
@@ -109,7 +111,7 @@ def transform_quantize(x: torch.Tensor, rot1: torch.Tensor | None = None, perm: 
             a, s = duquant_quantize(x, rot1, perm, rot2, smooth, bits, clip, out_dtype, precise, symmetric=symmetric,
                                     norm=norm, up=up)
     else:
-        x_in = _fused_input_ref(x, norm, up)
+        x_in = fused_input_ref(x, norm, up)
         a, s = ref.transform_quantize_ref(x_in, rot1, perm, rot2, smooth, bits, clip, symmetric)
         a = a.to(torch.float32).to(out_dtype) if out_dtype != torch.int8 else a
     return a.reshape(x.shape), s.reshape(_leading(x))
@@ -132,7 +134,7 @@ def hadamard_quantize(x: torch.Tensor, had_m: torch.Tensor | None = None, bits: 
         except ValueError:  # power-of-two part < 16: no tensor-core tiling, use the reference
             a = None
     if a is None:
-        a, s = ref.hadamard_quantize_ref(_fused_input_ref(x, norm, up), had_m, bits, clip, symmetric)
+        a, s = ref.hadamard_quantize_ref(fused_input_ref(x, norm, up), had_m, bits, clip, symmetric)
         a = a.to(torch.float32).to(out_dtype) if out_dtype != torch.int8 else a
     return a.reshape(x.shape), s.reshape(_leading(x))
 

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from ..kernels import ops
-from ..kernels.norm import InputNorm, rms_norm_ref, swiglu_ref
+from ..kernels.norm import InputNorm
 from ..kernels.weight import PackedWeight
 from .qlinear import QuantLinear
 
@@ -117,9 +117,7 @@ class RealQuantLinear(nn.Module):
         norm = self._input_norm()
         if self.hadamard:
             if self.rot1 is not None or self.perm is not None or self.rot2 is not None:
-                x = x if norm is None else rms_norm_ref(x, norm)
-                x = x if up is None else swiglu_ref(x, up)
-                norm = up = None
+                x, norm, up = ops.fused_input_ref(x, norm, up), None, None
                 x = self._transform._apply_factors(x.to(torch.float32), torch.float32)
             if self._had is None or self._had[0] != x.device:
                 self._had = (x.device, _hadamard_base(self.in_features, x.device))
