@@ -4,7 +4,8 @@
 #   parity     GPU tests of the transform kernels (tiles, rows, fused norm/SwiGLU, symmetric), then the transform timing table
 #   kernel     duquant bench --level kernel (decode sizes, with the dp4a GEMV sweep; then prefill sizes)
 #   parity-rest  the other GPU tests (GEMMs, GEMV, Hadamard, real backend, bench)
-#   quantize   duquant bench --level quantize (DuQuant on the LLaMA-2-7B-shaped model; CALIB_BATCH=8: 8 per forward)
+#   quantize   calibration GPU tests, then duquant bench --level quantize (DuQuant on the LLaMA-2-7B-shaped model;
+#              CALIB_BATCH=8: 8 per forward), then scripts/profile_quantize.py (2 layers; PROFILE=0 skips)
 #   layer      duquant bench --level layer (bf16, w4a4, w4a4_fp8w, w4a4_fp8w_fused; eager and CUDA-graph prefill)
 #              (layer, e2e: DUQUANT_TRANSFORM_KERNEL=auto in the environment sends M ≤ DUQUANT_ROWS_MAX_M to the rows kernel)
 #   e2e        duquant bench --level e2e (bf16, w4a4, w4a4_fused)
@@ -41,8 +42,14 @@ case "${1:-}" in
     ;;
   quantize)
     b=${CALIB_BATCH:-1}  # calibration sequences per layer forward
+    # the calibration path's GPU shortcuts (greedy loop as a CUDA graph, dense Hadamard) first
+    timeout 120 python3 -m pytest -q -p no:cacheprovider -rf --tb=short tests/test_calibration_gpu.py \
+      > "$OUT/pytest_calibration.log" 2>&1; echo "pytest rc=$?"; tail -3 "$OUT/pytest_calibration.log"
     timeout 580 "${bench[@]}" --level quantize --calib-batch-size "$b" --out-json "$OUT/quantize_b$b.json" \
       --out-md "$OUT/quantize_b$b.md" > "$OUT/quantize_b$b.log" 2>&1; tail -30 "$OUT/quantize_b$b.md"
+    # kernel by kernel: two layers under torch.profiler (PROFILE=0 skips)
+    [ "${PROFILE:-1}" = 0 ] || timeout 200 python3 scripts/profile_quantize.py --layers 2 --batch-size "$b" \
+      --out-dir "$OUT" > "$OUT/profile_quantize.log" 2>&1; grep -A22 "sorted by self_cuda" "$OUT/profile_quantize.log" | cut -c1-150
     ;;
   layer|e2e)
     timeout 560 "${bench[@]}" --level "$1" --out-json "$OUT/$1.json" --out-md "$OUT/$1.md" > "$OUT/$1.log" 2>&1

@@ -26,7 +26,7 @@ from .config import QuantConfig
 from .methods.apply import install_attention_quantizer
 from .modeling.adapters import adapter_for
 from .modeling.attention import use_quantized_attention
-from .modeling.qlinear import QuantLinear
+from .modeling.qlinear import QuantLinear, share_sibling_inputs
 from .transforms.online import OnlineTransform
 
 QUANT_METHOD = "duquant"
@@ -155,6 +155,7 @@ def load_quantized(path: str | os.PathLike, device: str | torch.device = "cpu", 
         )
     if hf_config.tie_word_embeddings:
         model.tie_weights()
+    share_sibling_inputs(model)
     use_quantized_attention(model)
     model.eval().to(device)
     record_path = path / RUN_RECORD_NAME

@@ -15,8 +15,8 @@ import torch
 from torch import nn
 
 
-class _StopForward(Exception):
-    pass
+class StopForward(Exception):
+    """Raised by a hook to end a forward pass early (its result is not needed)."""
 
 
 @dataclass
@@ -53,7 +53,7 @@ def capture_layer0_inputs(model: nn.Module, adapter, tokens: torch.Tensor, devic
     def hook(_module, args, kwargs):
         captured["hidden"] = args[0] if args else kwargs["hidden_states"]
         captured["kwargs"] = {k: v for k, v in kwargs.items() if k != "hidden_states"}
-        raise _StopForward
+        raise StopForward
 
     storage = torch.device("cpu") if offload else device
     handle = layers[0].register_forward_pre_hook(hook, with_kwargs=True)
@@ -62,7 +62,7 @@ def capture_layer0_inputs(model: nn.Module, adapter, tokens: torch.Tensor, devic
         for start in range(0, len(tokens), batch_size):
             try:
                 model.model(input_ids=tokens[start : start + batch_size].to(device), use_cache=False)
-            except _StopForward:
+            except StopForward:
                 pass
             batches.append(captured["hidden"].to(storage))
     finally:
@@ -84,6 +84,18 @@ def run_layer(layer: nn.Module, inputs: LayerInputs, device: torch.device) -> La
         out = out[0] if isinstance(out, tuple) else out
         outputs.append(out.to(inputs.storage_device))
     return LayerInputs(outputs, inputs.layer_kwargs, inputs.storage_device)
+
+
+@torch.no_grad()
+def try_each_batch(layer: nn.Module, inputs: LayerInputs, device: torch.device) -> None:
+    """Run `layer` on every batch of `inputs` for its hooks' sake, until each raises StopForward."""
+    kwargs = {k: _move(v, device) for k, v in inputs.layer_kwargs.items()}
+    for hidden in inputs.batches:
+        try:
+            layer(hidden.to(device), **kwargs)
+        except StopForward:
+            continue
+        raise RuntimeError("the layer finished without reaching the hook that should have stopped it")
 
 
 @contextmanager

@@ -163,12 +163,13 @@ def build_variant(config, variant: str, device: torch.device, seed: int = 0) -> 
 
 
 def _release(device: torch.device) -> None:
-    """Drop what a measurement left behind before the next one: RealQuantLinear's one-entry
-    memo of the last quantized input (it holds that input and its codes alive, which would
-    count in the next peak) and cached allocator blocks; restart the peak counter."""
-    from duquant.modeling import real_linear
+    """Drop what a measurement left behind before the next one: the one-entry memo of the
+    last quantized input (its codes stay alive while a graph or a caller holds the input,
+    and would count in the next peak) and cached allocator blocks; restart the peak counter."""
+    from duquant.modeling import qlinear, real_linear
 
-    getattr(real_linear, "_MEMO", {}).clear()
+    real_linear._MEMO.clear()
+    qlinear._MEMO.clear()
     reset_peak_memory(device)
 
 

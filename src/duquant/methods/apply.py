@@ -18,7 +18,7 @@ from torch import nn
 from ..config import QuantConfig
 from ..modeling.adapters import AttentionShape, DecoderAdapter, LinearGroup
 from ..modeling.attention import AttentionQuantizer
-from ..modeling.qlinear import QuantLinear
+from ..modeling.qlinear import QuantLinear, share_sibling_inputs
 from ..quant.quantizer import QuantSpec, compute_qparams, quantize
 from ..transforms.online import OnlineTransform
 from .plan import GroupTransform
@@ -102,6 +102,7 @@ def quantize_layer_linears(layer: nn.Module, adapter: DecoderAdapter, plans: dic
             if biases[name] is not None:
                 qlinear.bias.data.copy_(biases[name].to(qlinear.bias.dtype))
             layer.set_submodule(name, qlinear.to(original.weight.device))
+    share_sibling_inputs(layer)
 
 
 def install_attention_quantizer(layer: nn.Module, adapter: DecoderAdapter, config: QuantConfig) -> None:

@@ -21,14 +21,10 @@ from ..config import FULL_PRECISION_BITS, QuantConfig
 from ..modeling.adapters import LinearGroup
 from ..quant.gptq import HessianAccumulator, gptq_quantize
 from ..quant.quantizer import QuantSpec
-from ..sequential import LayerInputs, _move
+from ..sequential import LayerInputs, StopForward, try_each_batch
 from ..transforms.online import OnlineTransform
 from .apply import WeightRounder, install_attention_quantizer, quantize_layer_linears, round_to_nearest
 from .plan import GroupTransform
-
-
-class _StopForward(Exception):
-    pass
 
 
 @torch.no_grad()
@@ -38,20 +34,13 @@ def input_hessian(layer: nn.Module, linear: nn.Module, inputs: LayerInputs, devi
 
     def hook(_module, args):
         accumulator.add_batch(args[0])
-        raise _StopForward  # the rest of the layer is not needed
+        raise StopForward  # the rest of the layer is not needed
 
-    kwargs = {k: _move(v, device) for k, v in inputs.layer_kwargs.items()}
     handle = linear.register_forward_pre_hook(hook)
     try:
-        for hidden in inputs.batches:
-            try:
-                layer(hidden.to(device), **kwargs)
-            except _StopForward:
-                pass
+        try_each_batch(layer, inputs, device)
     finally:
         handle.remove()
-    if accumulator.nsamples == 0:
-        raise RuntimeError("GPTQ: the calibration forward never reached the linear layer")
     return accumulator.hessian
 
 

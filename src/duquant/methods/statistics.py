@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..sequential import LayerInputs, input_hooks, run_layer
+from ..sequential import LayerInputs, StopForward, input_hooks, run_layer, try_each_batch
 
 
 class GroupStatistics:
@@ -17,14 +17,15 @@ class GroupStatistics:
         self.mean_count: dict[str, int] = {}
 
     def observe(self, name: str, x: torch.Tensor) -> None:
-        x = x.detach().float()
+        x = x.detach()
         if self.want_absmax:
-            amax = x.abs().reshape(-1, x.shape[-1]).amax(dim=0)
+            # |x| and max are exact in any float dtype: no float32 copy of the activation
+            amax = x.reshape(-1, x.shape[-1]).abs().amax(dim=0).float()
             prev = self.absmax.get(name)
             self.absmax[name] = amax if prev is None else torch.maximum(prev, amax)
         if self.want_mean:
             # The DuQuant reference statistic: the calibration samples averaged into one sequence.
-            total = x.reshape(-1, *x.shape[-2:]).sum(dim=0)
+            total = x.float().reshape(-1, *x.shape[-2:]).sum(dim=0)
             prev = self.mean_sum.get(name)
             self.mean_sum[name] = total if prev is None else prev + total
             self.mean_count[name] = self.mean_count.get(name, 0) + x.reshape(-1, *x.shape[-2:]).shape[0]
@@ -34,10 +35,22 @@ class GroupStatistics:
 
 
 def collect(layer: nn.Module, adapter, inputs: LayerInputs, device: torch.device, want_absmax: bool,
-            want_mean: bool) -> tuple[GroupStatistics, LayerInputs]:
-    """Run `layer` on `inputs`, recording the input of each group's first linear; returns outputs too."""
+            want_mean: bool, want_outputs: bool = True) -> tuple[GroupStatistics, LayerInputs | None]:
+    """Run `layer` on `inputs`, recording the input of each group's first linear; returns its
+    outputs too, or, without want_outputs, None: each forward then stops once the last group's
+    input is seen (the rest of the layer, e.g. down_proj's GEMM, would only be thrown away)."""
     stats = GroupStatistics(want_absmax, want_mean)
     watched = {group.name: layer.get_submodule(group.linears[0]) for group in adapter.groups}
-    with input_hooks(watched, stats.observe):
-        outputs = run_layer(layer, inputs, device)
-    return stats, outputs
+    if want_outputs:
+        with input_hooks(watched, stats.observe):
+            return stats, run_layer(layer, inputs, device)
+    last = adapter.groups[-1].name
+
+    def observe_then_stop(name: str, x: torch.Tensor) -> None:
+        stats.observe(name, x)
+        if name == last:
+            raise StopForward
+
+    with input_hooks(watched, observe_then_stop):
+        try_each_batch(layer, inputs, device)
+    return stats, None

@@ -14,7 +14,10 @@ from torch import nn
 
 from ..quant.packing import pack_codes, unpack_codes
 from ..quant.quantizer import QuantSpec, dequantize, fake_quantize
-from ..transforms.online import OnlineTransform
+from ..transforms.online import OnlineTransform, same_transform
+from .input_memo import InputMemo
+
+_MEMO = InputMemo()
 
 
 class QuantLinear(nn.Module):
@@ -44,6 +47,9 @@ class QuantLinear(nn.Module):
         self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype), requires_grad=False) if bias else None
         self.compute_dtype = dtype
         self._weight_cache: tuple[tuple, torch.Tensor] | None = None
+        # Linears with the same share key quantize their (identical) inputs once: see
+        # `share_sibling_inputs`. Not saved: loading sets it again.
+        self.input_share_key: object | None = None
 
     # --- construction -----------------------------------------------------------------
     def set_weight(self, weight: torch.Tensor | None = None, codes: torch.Tensor | None = None,
@@ -71,10 +77,17 @@ class QuantLinear(nn.Module):
             self._weight_cache = (key, w)
         return self._weight_cache[1]
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def quantize_input(self, x: torch.Tensor) -> torch.Tensor:
+        """fake_quant(x·G): the activation as the quantized layer sees it."""
         if self.input_transform is not None:
             x = self.input_transform(x)
-        x = fake_quantize(x, self.act_spec)
+        return fake_quantize(x, self.act_spec)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.input_share_key is None or (self.input_transform is None and self.act_spec is None):
+            x = self.quantize_input(x)
+        else:
+            x = _MEMO.lookup(x, self.input_share_key, lambda: self.quantize_input(x))
         bias = None if self.bias is None else self.bias.to(x.dtype)
         return F.linear(x, self.dequantized_weight(x.dtype), bias)
 
@@ -82,3 +95,26 @@ class QuantLinear(nn.Module):
         w = "16" if self.weight_spec is None else f"{self.weight_spec.bits}"
         a = "16" if self.act_spec is None else f"{self.act_spec.bits}"
         return f"in_features={self.in_features}, out_features={self.out_features}, W{w}A{a}, bias={self.bias is not None}"
+
+
+def share_sibling_inputs(model: nn.Module) -> int:
+    """Give sibling QuantLinears (children of one module) that apply the same transform and
+    activation quantizer one share key, so a common input is quantized once (q/k/v, gate/up).
+
+    Only the same input *object* is ever reused (see `InputMemo`), so a key shared by
+    linears that read different activations (o_proj next to q_proj under RTN) is harmless.
+    Returns how many linears joined a sibling's key."""
+    shared = 0
+    for parent in model.modules():
+        seen: list[QuantLinear] = []
+        for child in parent.children():
+            if not isinstance(child, QuantLinear):
+                continue
+            child.input_share_key = object()
+            for other in seen:
+                if other.act_spec == child.act_spec and same_transform(other.input_transform, child.input_transform):
+                    child.input_share_key = other.input_share_key
+                    shared += 1
+                    break
+            seen.append(child)
+    return shared

@@ -21,6 +21,8 @@ from torch import nn
 from ..kernels import ops
 from ..kernels.norm import InputNorm
 from ..kernels.weight import PackedWeight
+from ..transforms.online import same_tensor
+from .input_memo import InputMemo
 from .qlinear import QuantLinear
 
 
@@ -40,7 +42,7 @@ def supports_real(layer: QuantLinear) -> bool:
             and layer.in_features % 2 == 0)
 
 
-_MEMO: dict[str, object] = {}
+_MEMO = InputMemo()
 
 
 class RealQuantLinear(nn.Module):
@@ -96,21 +98,14 @@ class RealQuantLinear(nn.Module):
         deferred = self.__dict__.get("input_norm")  # set by modeling.fusion.fuse_norms
         return None if deferred is None else deferred.spec()
 
-    def _transform_key(self, x: torch.Tensor) -> tuple:
+    def _transform_key(self) -> tuple:
         return (self.transform_id, id(self.__dict__.get("input_norm")), self.hadamard, self.act_bits, self.act_clip,
-                self.act_symmetric, x._version)
+                self.act_symmetric)
 
     def _quantize_input(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         # q/k/v (and gate/up) read the same activation through the same transform: the
-        # first of them quantizes it, the others reuse the codes (one-entry memo).
-        # The memo holds x itself and compares identity: a later tensor that reuses x's
-        # memory is a different object and never hits.
-        key = self._transform_key(x)
-        if _MEMO.get("x") is x and _MEMO.get("key") == key:
-            return _MEMO["value"]
-        value = self._quantize_input_uncached(x)
-        _MEMO.update(x=x, key=key, value=value)
-        return value
+        # first of them quantizes it, the others reuse the codes (`InputMemo`).
+        return _MEMO.lookup(x, self._transform_key(), lambda: self._quantize_input_uncached(x))
 
     def _quantize_input_uncached(self, x: torch.Tensor,
                                  up: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -187,7 +182,7 @@ def share_sibling_transforms(model: nn.Module) -> int:
             if not isinstance(child, RealQuantLinear):
                 continue
             for other in seen:
-                if all(_same(getattr(child, n), getattr(other, n)) for n in ("rot1", "perm", "rot2")):
+                if all(same_tensor(getattr(child, n), getattr(other, n)) for n in ("rot1", "perm", "rot2")):
                     for name in ("rot1", "perm", "rot2"):
                         setattr(child, name, getattr(other, name))
                     child.transform_id = other.transform_id
@@ -195,12 +190,6 @@ def share_sibling_transforms(model: nn.Module) -> int:
                     break
             seen.append(child)
     return shared
-
-
-def _same(a: torch.Tensor | None, b: torch.Tensor | None) -> bool:
-    if a is None or b is None:
-        return a is None and b is None
-    return a.shape == b.shape and a.dtype == b.dtype and a.device == b.device and bool(torch.equal(a, b))
 
 
 def to_real_backend(model: nn.Module, prefill_weight: str | None = None,

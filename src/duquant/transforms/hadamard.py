@@ -261,6 +261,18 @@ def random_orthogonal(n: int, generator: torch.Generator, dtype: torch.dtype = t
     return (q * sign).to(dtype)
 
 
+# Up to this order a GPU applies the whole matrix faster than the butterflies: one GEMM pass
+# over the activation (n multiply-adds per element, on tensor cores) against log2(n) passes
+# that each read and write it (Q and K of every layer, head_dim 64 or 128, in calibration).
+_DENSE_MAX_ORDER = 512
+
+
+@lru_cache(maxsize=16)
+def _dense_on(n: int, transpose: bool, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    h = normalized_hadamard(n)
+    return (h.T if transpose else h).contiguous().to(device=device, dtype=dtype)
+
+
 def _fwht(y: torch.Tensor) -> torch.Tensor:
     """Unnormalised Walsh–Hadamard transform of the last dim (a power of two): y @ S."""
     *lead, p = y.shape
@@ -284,6 +296,8 @@ def apply_hadamard(x: torch.Tensor, n: int | None = None, transpose: bool = Fals
         raise ValueError(f"last dimension {x.shape[-1]} does not match Hadamard size {n}")
     m, k = _decompose(n)
     cdtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    if x.is_cuda and n <= _DENSE_MAX_ORDER:
+        return (x.to(cdtype) @ _dense_on(n, transpose, x.device, cdtype)).to(x.dtype)
     # x[(i, a)] with i over the H_m factor and a over the Sylvester factor (kron order).
     y = _fwht(x.to(cdtype).reshape(x.numel() // n, m, 1 << k))
     if m > 1:

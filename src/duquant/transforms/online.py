@@ -73,3 +73,17 @@ class OnlineTransform(nn.Module):
         if self.hadamard:
             parts.append("hadamard")
         return ", ".join(parts)
+
+
+def same_tensor(a: torch.Tensor | None, b: torch.Tensor | None) -> bool:
+    """Both absent, or equal in shape, dtype, device and every value."""
+    if a is None or b is None:
+        return a is None and b is None
+    return a.shape == b.shape and a.dtype == b.dtype and a.device == b.device and bool(torch.equal(a, b))
+
+
+def same_transform(a: OnlineTransform | None, b: OnlineTransform | None) -> bool:
+    """Whether two (possibly absent) transforms compute the same x·G."""
+    if a is None or b is None:
+        return a is None and b is None
+    return a.hadamard == b.hadamard and all(same_tensor(getattr(a, n), getattr(b, n)) for n in ("rot1", "perm", "rot2"))
