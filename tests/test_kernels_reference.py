@@ -155,3 +155,27 @@ def test_transform_kernel_choice(monkeypatch: pytest.MonkeyPatch):
     for mode, small, large in (("tiles", "tiles", "tiles"), ("rows", "rows", "rows"), ("auto", "rows", "tiles")):
         monkeypatch.setattr(ops, "TRANSFORM_KERNEL", mode)
         assert (ops.transform_kernel(16), ops.transform_kernel(17)) == (small, large)
+
+
+@pytest.mark.parametrize("capturing, m, forced, expected", [
+    (False, 1, None, True), (False, 8192, None, True), (False, 8193, None, False),  # eager: one launch to 8192
+    (True, 1, None, False), (True, 2048, None, False),  # graph capture: three launches (less GPU time)
+    (True, 1, "1", True), (False, 1, "0", False),  # DUQUANT_FUSED_TRANSFORM forces either
+])
+def test_transform_launch_form(monkeypatch, capturing, m, forced, expected):
+    """The tiles transform runs as one launch in eager mode (less host time) and as three
+    inside a CUDA-graph capture (less GPU time at replay)."""
+    pytest.importorskip("triton")
+    from types import SimpleNamespace
+
+    from duquant.kernels import triton_transform as tt
+
+    monkeypatch.setattr(tt, "_INTERPRET", SimpleNamespace(value=False))
+    monkeypatch.setattr(tt, "_sm_count", lambda device: 132)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: capturing)
+    if forced is None:
+        monkeypatch.delenv("DUQUANT_FUSED_TRANSFORM", raising=False)
+    else:
+        monkeypatch.setenv("DUQUANT_FUSED_TRANSFORM", forced)
+    assert tt.fused_default(SimpleNamespace(is_cuda=True, device="cuda"), m, programs=32) is expected
+    assert tt.fused_default(SimpleNamespace(is_cuda=True, device="cuda"), m, programs=200) is False  # > SMs

@@ -69,10 +69,14 @@ def _rot1_store(x_ptr, smooth_ptr, r1, dest_ptr, vt_ptr, c, rm, store_ok, M, str
     rn = tl.arange(0, N1)
     cols = c * N1 + rn
     offs = rm.to(tl.int64)[:, None] * stride_xm + cols[None, :]
-    h = tl.load(x_ptr + offs, mask=(rm < M)[:, None], other=0.0)
+    # Padding tokens (rm ≥ M) read 1, not 0: IEEE division (div_rn, here and in the
+    # quantizer) takes a slow path when the quotient is 0, and a zero row made every later
+    # division of its tile slow (H100: M = 1 padded to 16 cost 24 µs, 16 real tokens 14 µs;
+    # scripts/transform_small_m.py). Padding rows are never stored.
+    h = tl.load(x_ptr + offs, mask=(rm < M)[:, None], other=1.0)
     h = h.to(tl.float32)
     if GATED:
-        h = h * tl.sigmoid(h) * tl.load(up_ptr + offs, mask=(rm < M)[:, None], other=0.0).to(tl.float32)
+        h = h * tl.sigmoid(h) * tl.load(up_ptr + offs, mask=(rm < M)[:, None], other=1.0).to(tl.float32)
     if HAS_NORM:
         tl.atomic_add(sumsq_ptr + rm, tl.sum(h * h, axis=1), mask=(rm >= 0) & store_ok, sem="relaxed")
         if NORM_W:
@@ -301,8 +305,8 @@ def _sm_count(device: torch.device) -> int:
 
 
 def fused_default(x: torch.Tensor, m: int, programs: int) -> bool:
-    """One launch up to FUSED_MAX_M tokens on a GPU, three launches above (less GPU time
-    when the GPU, not the host, is the limit). The interpreter (serial programs) always
+    """One launch up to FUSED_MAX_M tokens on a GPU, three launches above and inside CUDA
+    graph captures (less GPU time when the GPU, not the host, is the limit). The interpreter (serial programs) always
     needs three. DUQUANT_FUSED_TRANSFORM=0/1 forces one choice.
 
     The one-launch form needs the `programs` of a token group resident at once; at least
@@ -312,7 +316,12 @@ def fused_default(x: torch.Tensor, m: int, programs: int) -> bool:
     if not x.is_cuda or _INTERPRET.value or programs > _sm_count(x.device):
         return False
     forced = os.environ.get("DUQUANT_FUSED_TRANSFORM")
-    return forced == "1" if forced in ("0", "1") else m <= FUSED_MAX_M
+    if forced in ("0", "1"):
+        return forced == "1"
+    # Inside a CUDA graph capture, launches cost no host time at replay: take the form with
+    # less GPU time, three launches (H100 graph times at K = 4096: 10.6 vs 13.7 µs at M = 16,
+    # 54 vs 71 µs at M = 2048; results/kernels/NOTES.md, session 5).
+    return m <= FUSED_MAX_M and not torch.cuda.is_current_stream_capturing()
 
 
 def token_rows_and_outputs(x: torch.Tensor, out_dtype: torch.dtype, up: torch.Tensor | None = None,
