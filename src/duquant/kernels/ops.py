@@ -31,9 +31,10 @@ DECODE_GEMV_MAX_M = 16
 HADAMARD_KERNEL_VERIFIED = os.environ.get("DUQUANT_HADAMARD_KERNEL", "1") == "1"
 # Kernel of the DuQuant transform: "tiles" (triton_transform: (token tile × block) programs,
 # one or three launches) or "rows" (triton_row_transform: whole rows per program, the blocks
-# as the MMA's M dimension). Measured on the H100 (results/kernels/NOTES.md, session 4), rows
-# is faster only at M = 1, K = 4096 (12 vs 21 µs) and 2–4× slower elsewhere, so tiles is the
-# default. DUQUANT_TRANSFORM_KERNEL=rows selects rows, =auto rows up to ROWS_MAX_M tokens.
+# as the MMA's M dimension). Measured on the H100 (results/kernels/NOTES.md, sessions 4-5), rows
+# was faster only at M = 1, K = 4096 (12 vs 21 µs) and 2–4× slower elsewhere; since the session-5
+# padding fix tiles takes 10.6 µs there too, so tiles is the default.
+# DUQUANT_TRANSFORM_KERNEL=rows selects rows, =auto rows up to ROWS_MAX_M tokens.
 TRANSFORM_KERNEL = os.environ.get("DUQUANT_TRANSFORM_KERNEL", "tiles")
 ROWS_MAX_M = int(os.environ.get("DUQUANT_ROWS_MAX_M", "1"))  # rows won only at M = 1 (K = 4096)
 
