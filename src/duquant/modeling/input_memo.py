@@ -14,9 +14,10 @@ different object, so it never hits.
 from __future__ import annotations
 
 import weakref
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Iterator
 
 import torch
+from torch import nn
 
 
 class InputMemo:
@@ -38,3 +39,16 @@ class InputMemo:
 
     def clear(self) -> None:
         self._entry = None
+
+
+def siblings_with_twin(model: nn.Module, kind: type, same: Callable[[nn.Module, nn.Module], bool]
+                       ) -> Iterator[tuple[nn.Module, nn.Module | None]]:
+    """Every module of `kind`, with the first earlier sibling (child of the same parent, in
+    order) for which same(module, sibling) holds, or None. Siblings are where one activation
+    feeds several linears (q/k/v, gate/up)."""
+    for parent in model.modules():
+        seen: list[nn.Module] = []
+        for child in parent.children():
+            if isinstance(child, kind):
+                yield child, next((other for other in seen if same(child, other)), None)
+                seen.append(child)

@@ -15,7 +15,7 @@ from torch import nn
 from ..quant.packing import pack_codes, unpack_codes
 from ..quant.quantizer import QuantSpec, dequantize, fake_quantize
 from ..transforms.online import OnlineTransform, same_transform
-from .input_memo import InputMemo
+from .input_memo import InputMemo, siblings_with_twin
 
 _MEMO = InputMemo()
 
@@ -105,16 +105,8 @@ def share_sibling_inputs(model: nn.Module) -> int:
     linears that read different activations (o_proj next to q_proj under RTN) is harmless.
     Returns how many linears joined a sibling's key."""
     shared = 0
-    for parent in model.modules():
-        seen: list[QuantLinear] = []
-        for child in parent.children():
-            if not isinstance(child, QuantLinear):
-                continue
-            child.input_share_key = object()
-            for other in seen:
-                if other.act_spec == child.act_spec and same_transform(other.input_transform, child.input_transform):
-                    child.input_share_key = other.input_share_key
-                    shared += 1
-                    break
-            seen.append(child)
+    same = lambda a, b: a.act_spec == b.act_spec and same_transform(a.input_transform, b.input_transform)  # noqa: E731
+    for child, twin in siblings_with_twin(model, QuantLinear, same):
+        child.input_share_key = object() if twin is None else twin.input_share_key
+        shared += twin is not None
     return shared

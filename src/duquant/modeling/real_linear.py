@@ -22,7 +22,7 @@ from ..kernels import ops
 from ..kernels.norm import InputNorm
 from ..kernels.weight import PackedWeight
 from ..transforms.online import same_tensor
-from .input_memo import InputMemo
+from .input_memo import InputMemo, siblings_with_twin
 from .qlinear import QuantLinear
 
 
@@ -175,20 +175,15 @@ def share_sibling_transforms(model: nn.Module) -> int:
     linear ran its own transform (7 per LLaMA layer instead of 4). The siblings then also
     hold the same factor tensors (until a `.to()` copies them apart, which the id
     survives). Returns how many layers joined a sibling's transform."""
+    factors = ("rot1", "perm", "rot2")
     shared = 0
-    for parent in model.modules():
-        seen: list[RealQuantLinear] = []
-        for child in parent.children():
-            if not isinstance(child, RealQuantLinear):
-                continue
-            for other in seen:
-                if all(same_tensor(getattr(child, n), getattr(other, n)) for n in ("rot1", "perm", "rot2")):
-                    for name in ("rot1", "perm", "rot2"):
-                        setattr(child, name, getattr(other, name))
-                    child.transform_id = other.transform_id
-                    shared += 1
-                    break
-            seen.append(child)
+    same = lambda a, b: all(same_tensor(getattr(a, n), getattr(b, n)) for n in factors)  # noqa: E731
+    for child, twin in siblings_with_twin(model, RealQuantLinear, same):
+        if twin is not None:
+            for name in factors:
+                setattr(child, name, getattr(twin, name))
+            child.transform_id = twin.transform_id
+            shared += 1
     return shared
 
 
