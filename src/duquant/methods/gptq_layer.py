@@ -41,6 +41,8 @@ def input_hessian(layer: nn.Module, linear: nn.Module, inputs: LayerInputs, devi
         try_each_batch(layer, inputs, device)
     finally:
         handle.remove()
+    if accumulator.nsamples == 0:
+        raise RuntimeError("GPTQ: the calibration forward never reached the linear layer")
     return accumulator.hessian
 
 

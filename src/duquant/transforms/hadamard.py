@@ -262,8 +262,8 @@ def random_orthogonal(n: int, generator: torch.Generator, dtype: torch.dtype = t
 
 
 # Up to this order a GPU applies the whole matrix faster than the butterflies: one GEMM pass
-# over the activation (n multiply-adds per element, on tensor cores) against log2(n) passes
-# that each read and write it (Q and K of every layer, head_dim 64 or 128, in calibration).
+# over the activation (n multiply-adds per element) against log2(n) passes that each read
+# and write it (Q and K of every layer, head_dim 64 or 128, in calibration).
 _DENSE_MAX_ORDER = 512
 
 
