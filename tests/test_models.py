@@ -120,3 +120,28 @@ def test_config_round_trip_and_validation():
 
 def test_tiny_config_families_are_distinct():
     assert type(tiny_config("qwen2")).__name__ == "Qwen2Config"
+
+
+def test_statistics_pass_without_outputs_stops_before_down_proj(tokens):
+    """collect(..., want_outputs=False) gives the statistics of the full pass and never runs
+    the rest of the layer after the last group's input (down_proj)."""
+    from duquant.methods.statistics import collect
+    from duquant.modeling.adapters import adapter_for
+    from duquant.sequential import capture_layer0_inputs
+
+    model = tiny_model("llama")
+    adapter = adapter_for(model)
+    inputs = capture_layer0_inputs(model, adapter, tokens, torch.device("cpu"), batch_size=2, offload=False)
+    layer = adapter.decoder_layers(model)[0]
+    full, outputs = collect(layer, adapter, inputs, torch.device("cpu"), want_absmax=True, want_mean=True)
+    calls = []
+    handle = layer.mlp.down_proj.register_forward_hook(lambda *_: calls.append(1))
+    try:
+        early, none = collect(layer, adapter, inputs, torch.device("cpu"), want_absmax=True, want_mean=True,
+                              want_outputs=False)
+    finally:
+        handle.remove()
+    assert none is None and outputs is not None and calls == []
+    for name in full.absmax:
+        assert torch.equal(full.absmax[name], early.absmax[name])
+        assert torch.equal(full.mean_sequence(name), early.mean_sequence(name))

@@ -86,7 +86,8 @@ def quantize(model: nn.Module, config: QuantConfig, calibration: torch.Tensor | 
         if want_absmax:
             fp_stats, fp_next = collect(layer, adapter, fp_inputs, device, want_absmax=True, want_mean=False)
         if want_mean:
-            q_stats, _ = collect(layer, adapter, q_inputs, device, want_absmax=False, want_mean=True)
+            q_stats, _ = collect(layer, adapter, q_inputs, device, want_absmax=False, want_mean=True,
+                                 want_outputs=False)  # only the statistics: stop before down_proj runs
         plans = fit_groups(
             adapter.groups, layer, config, shape,
             absmax=None if fp_stats is None else fp_stats.absmax,
