@@ -6,6 +6,9 @@
 #   parity-rest  the other GPU tests (GEMMs, GEMV, Hadamard, real backend, bench)
 #   quantize   calibration GPU tests, then duquant bench --level quantize (DuQuant on the LLaMA-2-7B-shaped model;
 #              CALIB_BATCH=8: 8 per forward), then scripts/profile_quantize.py (2 layers; PROFILE=0 skips)
+#   decode     GPU tests of the joined q/k/v (gate/up) GEMV and the fused norm, the fused-norm failure hunt
+#              (scripts/fused_norm_repro.py, with the old data_ptr-keyed factor cache and with the fixed one),
+#              then scripts/decode_kernels.py (joined vs separate GEMVs vs BF16; decode transform variants)
 #   layer      duquant bench --level layer (bf16, w4a4, w4a4_fp8w, w4a4_fp8w_fused; eager and CUDA-graph prefill)
 #              (layer, e2e: DUQUANT_TRANSFORM_KERNEL=auto in the environment sends M ≤ DUQUANT_ROWS_MAX_M to the rows kernel)
 #   e2e        duquant bench --level e2e (bf16, w4a4, w4a4_fused)
@@ -43,7 +46,7 @@ case "${1:-}" in
   quantize)
     b=${CALIB_BATCH:-1}  # calibration sequences per layer forward
     # the calibration path's GPU shortcuts (greedy loop as a CUDA graph, dense Hadamard) first
-    timeout 120 python3 -m pytest -q -p no:cacheprovider -rf --tb=short tests/test_calibration_gpu.py \
+    timeout 240 python3 -m pytest -q -p no:cacheprovider -rf --tb=short tests/test_calibration_gpu.py \
       > "$OUT/pytest_calibration.log" 2>&1; echo "pytest rc=$?"; tail -3 "$OUT/pytest_calibration.log"
     timeout 580 "${bench[@]}" --level quantize --calib-batch-size "$b" --out-json "$OUT/quantize_b$b.json" \
       --out-md "$OUT/quantize_b$b.md" > "$OUT/quantize_b$b.log" 2>&1; tail -30 "$OUT/quantize_b$b.md"
@@ -51,8 +54,22 @@ case "${1:-}" in
     [ "${PROFILE:-1}" = 0 ] || timeout 200 python3 scripts/profile_quantize.py --layers 2 --batch-size "$b" \
       --out-dir "$OUT" > "$OUT/profile_quantize.log" 2>&1; grep -A22 "sorted by self_cuda" "$OUT/profile_quantize.log" | cut -c1-150
     ;;
+  decode)
+    t=tests/test_kernels_gpu.py
+    timeout 200 python3 -m pytest -q -p no:cacheprovider -rf --tb=short $t -k "joined or gemv_cuda_graph or fused_rms_norm" \
+      > "$OUT/pytest_decode.log" 2>&1; echo "pytest rc=$?"; grep -E "passed|failed|^FAILED|^E  " "$OUT/pytest_decode.log" | head -20
+    for cache in old new; do
+      flag=""; [ $cache = old ] && flag="--old-cache"
+      timeout 90 python3 scripts/fused_norm_repro.py --iters 40 $flag --out-json "$OUT/fused_norm_repro_$cache.json" \
+        > "$OUT/fused_norm_repro_$cache.log" 2>&1; grep -c MISMATCH "$OUT/fused_norm_repro_$cache.log"; tail -1 "$OUT/fused_norm_repro_$cache.log"
+    done
+    timeout 200 python3 scripts/decode_kernels.py --out-json "$OUT/decode_kernels.json" --out-md "$OUT/decode_kernels.md" \
+      > "$OUT/decode_kernels.log" 2>&1; cat "$OUT/decode_kernels.md"
+    ;;
   layer|e2e)
-    timeout 560 "${bench[@]}" --level "$1" --out-json "$OUT/$1.json" --out-md "$OUT/$1.md" > "$OUT/$1.log" 2>&1
+    # VARIANTS="bf16 w4a4_fused ..." and BENCH_ARGS="--batches 1 4 ..." narrow the run
+    timeout 560 "${bench[@]}" --level "$1" ${VARIANTS:+--variants $VARIANTS} ${BENCH_ARGS:-} --out-json "$OUT/$1.json" \
+      --out-md "$OUT/$1.md" > "$OUT/$1.log" 2>&1
     grep -E "^\| (prefill|decode)" "$OUT/$1.md"
     ;;
   rows)
@@ -66,6 +83,6 @@ case "${1:-}" in
     grep -E "^\| (prefill|decode)" "$OUT/layer_three.md"
     ;;
   *)
-    echo "usage: OUT=\$OUT bash scripts/gpu_issue4.sh {parity|parity-rest|kernel|quantize|layer|e2e|rows|three}"; exit 2
+    echo "usage: OUT=\$OUT bash scripts/gpu_issue4.sh {parity|parity-rest|kernel|quantize|decode|layer|e2e|rows|three}"; exit 2
     ;;
 esac

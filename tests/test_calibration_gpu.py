@@ -1,7 +1,9 @@
 """GPU-only shortcuts of the calibration path give the results of the plain path.
 
 * the greedy rotation loop replayed as a CUDA graph equals the same loop run eagerly;
-* the dense Hadamard GEMM used on CUDA for small orders equals the butterfly transform.
+* the dense Hadamard GEMM used on CUDA for small orders equals the butterfly transform;
+* the one-kernel cast + fake quantization equals the PyTorch quantizer bit for bit, alone and
+  through a whole calibration (every quantized tensor of the model the same).
 Skipped without CUDA (CI is CPU-only).
 """
 from __future__ import annotations
@@ -38,3 +40,50 @@ def test_dense_hadamard_on_cuda_equals_butterflies(n, transpose):
     half = hadamard.apply_hadamard(x.cuda().half(), transpose=transpose)
     assert half.dtype == torch.float16
     torch.testing.assert_close(half.cpu().double(), expected, rtol=2e-3, atol=2e-3)
+
+
+@pytest.mark.parametrize("k", [128, 576, 4096, 11008])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("symmetric,clip", [(False, 0.9), (False, 1.0), (True, 0.85)])
+def test_fake_quant_kernel_equals_torch_quantizer(k, dtype, symmetric, clip):
+    from duquant.kernels.triton_fake_quant import fake_quantize_rows
+    from duquant.quant.quantizer import MIN_SCALE, QuantSpec, fake_quantize
+    gen = torch.Generator(device="cuda").manual_seed(k)
+    y = torch.randn(333, k, device="cuda", generator=gen) * torch.rand(333, 1, device="cuda", generator=gen) * 10
+    y[3, 5] = 3100.0  # a massive outlier
+    y[4] = -0.5  # a constant row (the scale's lower bound)
+    y[5] = 0.0
+    out = fake_quantize_rows(y, dtype, 4, symmetric, clip, MIN_SCALE)
+    assert torch.equal(out, fake_quantize(y.to(dtype), QuantSpec(bits=4, symmetric=symmetric, clip=clip)))
+
+
+@pytest.mark.parametrize("method", ["duquant", "quarot"])
+def test_calibration_with_the_fake_quant_kernel_is_bitwise_the_same(monkeypatch, method):
+    """A whole quantization (fp16 model on CUDA: simulated quantized forwards feed the next
+    layer's statistics, GPTQ's Hessians, Q/K/V fake quantization) with and without the
+    kernel: every tensor of the quantized model and the logits identical."""
+    import copy
+
+    from conftest import tiny_model
+
+    from duquant import QuantConfig, quantize
+    from duquant.kernels import ops
+
+    base = tiny_model("llama").half().cuda()
+    tokens = torch.randint(0, base.config.vocab_size, (4, 64), generator=torch.Generator().manual_seed(0))
+    config = QuantConfig(method=method, rotation_steps=8) if method == "duquant" else QuantConfig(method="quarot")
+    results = []
+    for kernel in (True, False, False):  # the second PyTorch run: is the calibration deterministic here?
+        monkeypatch.setattr(ops, "FAKE_QUANT_KERNEL", kernel)
+        model = copy.deepcopy(base)
+        quantize(model, config, tokens, device="cuda", batch_size=2, progress=False)
+        with torch.no_grad():
+            logits = model(input_ids=tokens.cuda()).logits
+        results.append((model.state_dict(), logits))
+    (sd_kernel, logits_kernel), (sd_torch, logits_torch), (sd_again, _) = results
+    if any(not torch.equal(t, sd_again[name]) for name, t in sd_torch.items()):
+        pytest.skip("two PyTorch-only calibrations differ on this GPU: bitwise comparison meaningless")
+    assert sd_kernel.keys() == sd_torch.keys()
+    for name, t in sd_kernel.items():
+        assert torch.equal(t, sd_torch[name]), name
+    assert torch.equal(logits_kernel, logits_torch)

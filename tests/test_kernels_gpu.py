@@ -303,6 +303,42 @@ def test_decode_gemv_cuda_graph(warm_workspace: bool) -> None:
     assert _gemv_workspace_is_clean(a.device)
 
 
+@pytest.mark.parametrize("rows,k", [((4096, 4096, 4096), 4096), ((576, 192, 192), 576), ((11008, 11008), 4096),
+                                    ((1536, 1536), 576)])
+@pytest.mark.parametrize("m", [1, 4, 7, 16])
+@pytest.mark.parametrize("graph", [False, True])
+def test_decode_gemv_joined(m: int, rows: tuple[int, ...], k: int, graph: bool) -> None:
+    """q/k/v and gate/up as one GEMV launch (LLaMA-2-7B and SmolLM2 shapes) = each weight's
+    reference side by side; also captured in a CUDA graph and replayed on new activations."""
+    from duquant.kernels import reference as ref
+    from duquant.kernels.triton_decode import w4a8_gemv_joined
+    cases = [_weight_and_acts(m, n, k, None) for n in rows]
+    weights, a, s_x = [c[0] for c in cases], cases[0][1].clone(), cases[0][2]
+    scale, zero = torch.cat([w.scale for w in weights]), torch.cat([w.zero for w in weights])
+    bias = torch.cat([c[3] for c in cases]).float()
+
+    def run():
+        return w4a8_gemv_joined(a, s_x, [w.packed for w in weights], scale, zero, bias)
+
+    if graph:
+        run()  # compile and create the workspace outside the capture
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            y = run()
+        a.copy_(torch.randint(-15, 16, a.shape, device="cuda", dtype=torch.int8))
+        y.zero_()
+        g.replay()
+    else:
+        _poison_allocator()
+        y = run()
+    torch.cuda.synchronize()
+    start = 0
+    for w, n in zip(weights, rows):
+        _close(y[:, start:start + n], ref.w4a4_linear_ref(a, s_x, w, bias[start:start + n]))
+        start += n
+    assert _gemv_workspace_is_clean(a.device)
+
+
 @pytest.mark.parametrize("n", NS)
 @pytest.mark.parametrize("k", KS)
 @pytest.mark.parametrize("m", [80, 2048])

@@ -107,7 +107,7 @@ def test_gemv_workspace_pointers_have_their_own_dtypes(monkeypatch: pytest.Monke
     class Recorder:
         def __getitem__(self, grid):
             def launch(*args, **kw):
-                seen["split_k"], seen["ws"], seen["cnt"] = grid[1], args[7].dtype, args[8].dtype
+                seen["split_k"], seen["ws"], seen["cnt"] = grid[1], args[9].dtype, args[10].dtype
             return launch
 
     monkeypatch.setattr(dec, "w4a8_gemv_kernel", Recorder())
@@ -115,6 +115,55 @@ def test_gemv_workspace_pointers_have_their_own_dtypes(monkeypatch: pytest.Monke
     dec.w4a8_gemv(a, s_x, pw.packed, pw.scale, pw.zero, bias, block_n=16, block_k=32, waves=waves)
     assert (seen["split_k"] == 1) == (waves == 0)
     assert (seen["ws"], seen["cnt"]) == (torch.float32, torch.int32)
+
+
+# (M, row counts of the joined weights, K, tune): row counts that end inside a row block
+# (the next weight starts a fresh block), split-K and one split, two and three weights.
+JOINED = [
+    (1, [40, 24, 24], 64, dict(block_n=16, block_k=32)),
+    (3, [33, 17], 192, dict(block_n=16, block_k=64, waves=8)),
+    (5, [16, 48, 8], 256, dict(block_n=16, block_k=64, waves=0)),
+    (16, [64, 40, 24], 136, dict(block_n=32, block_k=64)),
+]
+
+
+@pytest.mark.parametrize("m,rows,k,tune", JOINED)
+def test_joined_gemv_is_the_stacked_gemvs(m: int, rows: list[int], k: int, tune: dict) -> None:
+    """One launch over 2–3 separate weights = each weight's reference, side by side."""
+    from duquant.kernels.triton_decode import w4a8_gemv_joined
+    cases = [_case(m, n, k, seed=10 + i) for i, n in enumerate(rows)]
+    a, s_x = cases[0][1], cases[0][2]
+    weights = [c[0] for c in cases]
+    scale, zero = torch.cat([w.scale for w in weights]), torch.cat([w.zero for w in weights])
+    bias = torch.cat([c[3] for c in cases])
+    for b in (None, bias):
+        y = w4a8_gemv_joined(a, s_x, [w.packed for w in weights], scale, zero, b, out_dtype=torch.float32, **tune)
+        start = 0
+        for i, w in enumerate(weights):
+            stop = start + rows[i]
+            yr = ref.w4a4_linear_ref(a, s_x, w, None if b is None else b[start:stop], out_dtype=torch.float32)
+            assert _rel(y[:, start:stop], yr) < 1e-6, f"weight {i}"
+            start = stop
+    assert _workspace_clean()
+
+
+def test_ops_joined_linear_uses_one_gemv(monkeypatch: pytest.MonkeyPatch) -> None:
+    """ops.w4a4_linear_joined: one GEMV launch at decode sizes, the same numbers as the
+    separate (reference) linears; above the GEMV's M it falls back to one linear per weight."""
+    from duquant.kernels import ops
+    from duquant.kernels import triton_decode as dec
+    monkeypatch.setenv("DUQUANT_TRITON_INTERPRET", "1")
+    calls = []
+    real = dec.w4a8_gemv_joined
+    monkeypatch.setattr(dec, "w4a8_gemv_joined", lambda *args, **kw: calls.append(len(args[2])) or real(*args, **kw))
+    cases = [_case(2, n, 128, seed=20 + i) for i, n in enumerate((40, 24, 24))]
+    weights = [c[0] for c in cases]
+    a, s_x = cases[0][1], cases[0][2]
+    scale, zero = torch.cat([w.scale for w in weights]), torch.cat([w.zero for w in weights])
+    y = ops.w4a4_linear_joined(a.reshape(1, 2, 128), s_x.reshape(1, 2), weights, scale, zero, out_dtype=torch.float32)
+    assert calls == [3] and y.shape == (1, 2, 88)
+    yr = torch.cat([ref.w4a4_linear_ref(a, s_x, w, None, out_dtype=torch.float32) for w in weights], dim=-1)
+    assert _rel(y.reshape(2, 88), yr) < 1e-6
 
 
 def test_ops_dispatches_small_m_to_gemv(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -270,3 +319,20 @@ def test_fused_swiglu_matches_silu_times_up_then_transform(kernel: str) -> None:
     diff = (a.to(torch.int16) - ar.to(torch.int16)).abs()
     assert int(diff.max()) <= 1 and float((diff > 0).float().mean()) < 1e-2
     assert float(((s - sr).abs() / sr).max()) < 1e-4
+
+
+@pytest.mark.parametrize("symmetric,clip", [(False, 0.9), (False, 1.0), (True, 0.85)])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_fake_quant_kernel_is_the_torch_quantizer_bit_for_bit(symmetric: bool, clip: float, dtype) -> None:
+    """triton_fake_quant = fake_quantize(y.to(dtype), spec) exactly (the interpreter truncates
+    float32 -> bf16, so bf16 is checked on the GPU only): odd K, an outlier row, a constant row."""
+    from duquant.kernels.triton_fake_quant import fake_quantize_rows
+    from duquant.quant.quantizer import MIN_SCALE, QuantSpec, fake_quantize
+    gen = torch.Generator().manual_seed(3)
+    y = torch.randn(2, 5, 200, generator=gen)
+    y[0, 1, 7] = 300.0
+    y[1, 2] = 0.75
+    spec = QuantSpec(bits=4, symmetric=symmetric, clip=clip)
+    out = fake_quantize_rows(y, dtype, 4, symmetric, clip, MIN_SCALE)
+    assert out.dtype == dtype and out.shape == y.shape
+    assert torch.equal(out, fake_quantize(y.to(dtype), spec))

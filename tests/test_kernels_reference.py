@@ -179,3 +179,26 @@ def test_transform_launch_form(monkeypatch, capturing, m, forced, expected):
         monkeypatch.setenv("DUQUANT_FUSED_TRANSFORM", forced)
     assert tt.fused_default(SimpleNamespace(is_cuda=True, device="cuda"), m, programs=32) is expected
     assert tt.fused_default(SimpleNamespace(is_cuda=True, device="cuda"), m, programs=200) is False  # > SMs
+
+
+def test_tensor_keyed_cache_needs_the_very_same_tensor():
+    """Prepared transform factors are cached per tensor. A different tensor at the same address
+    (here a view; in the GPU tests, a fresh rotation where a freed one lived) must not get the
+    old entry, nor a tensor changed in place since."""
+    from duquant.kernels.tensor_cache import TensorKeyedCache
+
+    cache, made = TensorKeyedCache(), []
+    t = torch.randn(4, 4)
+
+    def value(tag):
+        return lambda: made.append(tag) or tag
+
+    assert cache.get((t, None), "x", value(1)) == 1
+    assert cache.get((t, None), "x", value(2)) == 1  # the same tensor: a hit
+    alias = t.view(4, 4)  # same data_ptr, version, shape and dtype; another tensor
+    assert alias.data_ptr() == t.data_ptr() and alias is not t
+    assert cache.get((alias, None), "x", value(3)) == 3
+    t.add_(1)  # in place: a new version
+    assert cache.get((t, None), "x", value(4)) == 4
+    assert cache.get((t, None), "y", value(5)) == 5  # another `extra`
+    assert made == [1, 3, 4, 5]

@@ -147,3 +147,32 @@ def test_norms_with_a_simulated_consumer_stay(tokens):
     attn.k_proj = attn.k_proj.source  # one consumer back on the simulated path
     fused = fuse_norms(model)
     assert "model.layers.0.input_layernorm" not in fused and "model.layers.0.post_attention_layernorm" in fused
+
+
+def test_siblings_join_one_decode_gemv(tokens, monkeypatch):
+    """q/k/v and gate/up each form one `JoinedDecode` (o_proj and down_proj stay alone); with
+    the joined path taken, each group computes its stacked output once per input and every
+    sibling gets exactly its own columns: the logits equal those of the unjoined real backend
+    bit for bit (on CPU the joined linear runs the per-weight references)."""
+    from duquant.kernels import ops
+    from duquant.modeling.joined_decode import JoinedDecode
+
+    model = _quantized(tokens)
+    plain = copy.deepcopy(model)
+    to_real_backend(plain, join_decode=False)
+    to_real_backend(model)
+    layer = model.model.layers[0]
+    attn, mlp = layer.self_attn, layer.mlp.mlp  # the MLP sits inside FusedSwiGLU
+    qkv, gate_up = attn.q_proj.__dict__["joined_decode"], mlp.gate_proj.__dict__["joined_decode"]
+    assert qkv.members == [attn.q_proj, attn.k_proj, attn.v_proj] and gate_up.members == [mlp.gate_proj, mlp.up_proj]
+    assert "joined_decode" not in attn.o_proj.__dict__ and "joined_decode" not in mlp.down_proj.__dict__
+    assert qkv.columns(attn.k_proj) == (attn.q_proj.out_features, attn.q_proj.out_features + attn.k_proj.out_features)
+    assert "joined_decode" not in plain.model.layers[0].self_attn.q_proj.__dict__
+
+    monkeypatch.setattr(JoinedDecode, "applies", lambda self, x: True)
+    runs = []
+    original = ops.w4a4_linear_joined
+    monkeypatch.setattr(ops, "w4a4_linear_joined", lambda *a, **k: runs.append(len(a[2])) or original(*a, **k))
+    out = _logits(model, tokens[:2])
+    assert runs == [3, 2] * model.config.num_hidden_layers
+    assert torch.equal(out, _logits(plain, tokens[:2]))

@@ -25,7 +25,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batches", type=int, nargs="*", default=None, help="layer/e2e: prefill batch sizes")
     p.add_argument("--decode-batches", type=int, nargs="*", default=None,
                    help="layer/e2e: decode batch sizes (0: no decode)")
-    p.add_argument("--variants", nargs="*", default=None, choices=["bf16", "w4a4", "w4a4_fp8w", "w4a4_fused", "w4a4_fp8w_fused"],
+    p.add_argument("--variants", nargs="*", default=None, choices=["bf16", "w4a4", "w4a4_fp8w", "w4a4_fused", "w4a4_fp8w_fused",
+                                                         "w4a4_fused_unjoined"],
                    help="layer/e2e: variants (default layer: bf16 w4a4 w4a4_fp8w w4a4_fp8w_fused, "
                         "e2e: bf16 w4a4 w4a4_fused)")
     p.add_argument("--layers", type=int, default=None,

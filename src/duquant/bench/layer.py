@@ -6,7 +6,9 @@ Variants: "bf16"; "w4a4" (packed 4-bit codes only; the prefill GEMM expands them
 8-bit carrier per call); "w4a4_fp8w" (also an FP8 copy of q − z for the prefill GEMM:
 faster prefill, more memory); "..._fused": the same with the RMSNorms in front of q/k/v
 and gate/up, and SwiGLU's silu(gate)·up, fused into the transform kernels
-(`modeling.fusion`; the BF16 variant keeps transformers' modules).
+(`modeling.fusion`; the BF16 variant keeps transformers' modules) and, as `to_real_backend`
+does by default, q/k/v and gate/up each run as one GEMV launch at decode
+(`modeling.joined_decode`); "w4a4_fused_unjoined" leaves that out (one GEMV per linear).
 
 Prefill: batch × seq tokens, median of CUDA-event-timed forwards after warm-up.
 Decode: one new token per sequence against a static KV cache holding seq tokens, captured
@@ -37,8 +39,9 @@ from .timing import (allocated_bytes, environment, environment_line, median_ms, 
 SEQ = 2048
 PREFILL_CHUNK = 512  # the decode cache is filled in chunks, to bound activation memory at large batch
 VARIANTS = {"bf16": None, "w4a4": {"prefill_weight": None}, "w4a4_fp8w": {"prefill_weight": "fp8"},
-            "w4a4_fused": {"prefill_weight": None, "fuse": True},
-            "w4a4_fp8w_fused": {"prefill_weight": "fp8", "fuse": True}}
+            "w4a4_fused": {"prefill_weight": None, "fuse": True, "join": True},
+            "w4a4_fp8w_fused": {"prefill_weight": "fp8", "fuse": True, "join": True},
+            "w4a4_fused_unjoined": {"prefill_weight": None, "fuse": True}}
 DEFAULT_VARIANTS = {"layer": ["bf16", "w4a4", "w4a4_fp8w", "w4a4_fp8w_fused"], "e2e": ["bf16", "w4a4", "w4a4_fused"]}
 
 
@@ -98,12 +101,15 @@ def _random_quant_linear(lin: nn.Linear, transform, device: torch.device, gen: t
     return q
 
 
-def make_w4a4(model: nn.Module, seed: int = 0, prefill_weight: str | None = None, fuse: bool = False) -> int:
+def make_w4a4(model: nn.Module, seed: int = 0, prefill_weight: str | None = None, fuse: bool = False,
+              join: bool = False) -> int:
     """Replace every nn.Linear inside the decoder layers by a RealQuantLinear with random
     4-bit codes and a DuQuant transform (R1 · P · R2, 128-blocks; q/k/v share one, gate/up
     another), one linear at a time, so each BF16 weight is freed as soon as it is
-    replaced; fuse: then fuse the norms and SwiGLU into the transforms. Returns the linear weight bytes."""
+    replaced; fuse: then fuse the norms and SwiGLU into the transforms; join: run q/k/v and
+    gate/up as one GEMV each at decode. Returns the linear weight bytes."""
     from duquant.modeling.fusion import fuse_norms, fuse_swiglu
+    from duquant.modeling.joined_decode import join_sibling_decodes
     from duquant.modeling.real_linear import RealQuantLinear, share_sibling_transforms
     from duquant.transforms.online import OnlineTransform
 
@@ -131,6 +137,8 @@ def make_w4a4(model: nn.Module, seed: int = 0, prefill_weight: str | None = None
     if fuse:
         fuse_norms(model)
         fuse_swiglu(model)
+    if join:
+        join_sibling_decodes(model)
     return linear_weight_bytes(model)
 
 

@@ -15,6 +15,7 @@ import torch
 from duquant.kernels import reference as ref
 from duquant.kernels.norm import InputNorm, check_one_fused_op, rms_norm_ref, swiglu_ref
 from duquant.kernels.weight import PackedWeight
+from duquant.quant.quantizer import MIN_SCALE, QuantSpec, fake_quantize
 
 # Largest token count served by the packed-weight decode kernels. Its first version is
 # slower than BF16 already at M = 16 (results/kernels/NOTES.md), so keep it small.
@@ -177,6 +178,40 @@ def w4a4_linear(a: torch.Tensor, s_x: torch.Tensor, weight: PackedWeight, bias: 
     return y.reshape(*a.shape[:-1], weight.out_features)
 
 
+def joined_gemv_supported(a: torch.Tensor, weights: list[PackedWeight]) -> bool:
+    """Whether `w4a4_linear_joined` runs these weights as one GEMV launch for activation `a`
+    (a CUDA decode call with per-channel 4-bit weights of one layout); otherwise it runs
+    them one by one."""
+    m = a.numel() // a.shape[-1]
+    if not (use_triton(a) and m <= DECODE_GEMV_MAX_M and 1 <= len(weights) <= 3):
+        return False
+    from duquant.kernels import triton_decode as dec
+    first = weights[0].packed
+    return all(not w.group_size and dec.gemv_supported(m, a.shape[-1], w.packed) and w.packed.shape[1] == first.shape[1]
+               and w.packed.stride(0) == first.stride(0) for w in weights)
+
+
+def w4a4_linear_joined(a: torch.Tensor, s_x: torch.Tensor, weights: list[PackedWeight],
+                       scale: torch.Tensor, zero: torch.Tensor, bias: torch.Tensor | None = None,
+                       out_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """`w4a4_linear` of one activation by several weights (q/k/v, gate/up) stacked along N:
+    y [..., ΣN_i]. scale, zero (and bias) are the weights' per-channel vectors concatenated.
+    One GEMV launch where `joined_gemv_supported`, else one `w4a4_linear` per weight."""
+    k = a.shape[-1]
+    a2, s2 = a.reshape(-1, k), s_x.reshape(-1).to(torch.float32)
+    if joined_gemv_supported(a2, weights):
+        from duquant.kernels import triton_decode as dec
+        y = dec.w4a8_gemv_joined(a2, s2, [w.packed for w in weights], scale, zero, bias, out_dtype)
+    else:
+        parts, start = [], 0
+        for w in weights:
+            stop = start + w.out_features
+            parts.append(w4a4_linear(a2, s2, w, None if bias is None else bias[start:stop], out_dtype))
+            start = stop
+        y = torch.cat(parts, dim=-1)
+    return y.reshape(*a.shape[:-1], y.shape[-1])
+
+
 def duquant_linear(x: torch.Tensor, weight: PackedWeight, rot1: torch.Tensor | None = None,
                    perm: torch.Tensor | None = None, rot2: torch.Tensor | None = None,
                    smooth: torch.Tensor | None = None, bias: torch.Tensor | None = None, bits: int = 4,
@@ -184,6 +219,22 @@ def duquant_linear(x: torch.Tensor, weight: PackedWeight, rot1: torch.Tensor | N
     """Whole W4A4 DuQuant linear: transform + quantize x, then the W4 GEMM. x [..., K] -> [..., N]."""
     a, s = transform_quantize(x, rot1, perm, rot2, smooth, bits, clip)
     return w4a4_linear(a, s, weight, bias, x.dtype if x.dtype != torch.float32 else torch.bfloat16)
+
+
+# The simulated quantizer's cast + fake-quant as one Triton kernel on CUDA (bit-exact with the
+# PyTorch ops; `triton_fake_quant`). DUQUANT_FAKE_QUANT_KERNEL=0 keeps the PyTorch ops.
+FAKE_QUANT_KERNEL = os.environ.get("DUQUANT_FAKE_QUANT_KERNEL", "1") == "1"
+
+
+def fake_quantize_cast(y: torch.Tensor, spec: QuantSpec | None, dtype: torch.dtype) -> torch.Tensor:
+    """fake_quantize(y.to(dtype), spec): what a simulated quantized linear feeds its GEMM."""
+    if spec is None:
+        return y.to(dtype)
+    if FAKE_QUANT_KERNEL and y.is_cuda and triton_available():
+        from duquant.kernels import triton_fake_quant as fq
+        if fq.supported(y, dtype, spec.group_size):
+            return fq.fake_quantize_rows(y, dtype, spec.bits, spec.symmetric, spec.clip, MIN_SCALE)
+    return fake_quantize(y.to(dtype), spec)
 
 
 def release_scratch() -> None:

@@ -260,10 +260,10 @@ def _gemv_tile(w_ptrs, a_ptrs, kw, kw_total, rw, ra, acc, asum, ones,
 # and a split-K call share one binary, so a warm-up call compiles what a graph capture needs.
 @triton.jit(do_not_specialize=["split_k", "tiles_per_split"])
 def w4a8_gemv_kernel(
-    a_ptr, w_ptr, sx_ptr, sw_ptr, zw_ptr, bias_ptr, out_ptr, ws_ptr, cnt_ptr,
-    M, N, KW, stride_a, stride_w, stride_om, split_k, tiles_per_split,
+    a_ptr, w_ptr, w2_ptr, w3_ptr, sx_ptr, sw_ptr, zw_ptr, bias_ptr, out_ptr, ws_ptr, cnt_ptr,
+    M, N, N1, N2, T1, T2, KW, stride_a, stride_w, stride_om, split_k, tiles_per_split,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, NUM_STAGES: tl.constexpr,
-    HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr, ALIGNED: tl.constexpr,
+    HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr, ALIGNED: tl.constexpr, SEGMENTS: tl.constexpr,
 ):
     """Bandwidth-first GEMV over packed W4: y[t, n] = s_x[t]·s_w[n]·Σ_k a[t, k]·(q[n, k] − z[n]) (+ bias).
 
@@ -292,20 +292,45 @@ def w4a8_gemv_kernel(
 
     Expected on H100 (graph replays, cold L2): ~2–2.8 TB/s of packed weight at M ≤ 4, i.e.
     3.5–5 µs at 4096×4096 (8.4 MB; BF16 cuBLAS 15.9 µs) and 8.5–11 µs at 11008×4096.
+
+    SEGMENTS > 1 (`w4a8_gemv_joined`): the weight is up to three separate tensors (q/k/v or
+    gate/up, which read one activation) whose rows are stacked into one output of N columns:
+    rows [0, N1) of w_ptr, [N1, N1 + N2) of w2_ptr, the rest of w3_ptr. Row blocks never
+    straddle two tensors: the first T1 row blocks belong to w_ptr, the next T2 − T1 to w2_ptr.
+    Scale, zero point and bias are per output column of the stacked N.
     """
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     G: tl.constexpr = BLOCK_K // 32  # 16-byte groups per row in a tile
     WT: tl.constexpr = BLOCK_K // 8  # int32 words per row in a tile
     rm = tl.arange(0, BLOCK_M)
-    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rw = tl.arange(0, WT)
     ra = tl.arange(0, 2 * WT)
+    # this row block's weight tensor, its first row there and the stacked column of that row
+    w_base = w_ptr
+    row0 = pid_n * BLOCK_N
+    col0 = 0
+    rows_here = N
+    if SEGMENTS > 1:
+        rows_here = N1
+        if pid_n >= T1:
+            w_base = w2_ptr
+            row0 = (pid_n - T1) * BLOCK_N
+            col0 = N1
+            rows_here = N2
+            if SEGMENTS > 2:
+                if pid_n >= T2:
+                    w_base = w3_ptr
+                    row0 = (pid_n - T2) * BLOCK_N
+                    col0 = N1 + N2
+                    rows_here = N - N1 - N2
+    r_local = row0 + tl.arange(0, BLOCK_N)
+    rn = col0 + r_local  # output column
     m_ok = rm < M
-    n_ok = rn < N
+    n_ok = r_local < rows_here
     # clamp rows and tokens instead of masking them: their results are never stored
     rm_safe = tl.where(m_ok, rm, 0)
-    rn_safe = tl.where(n_ok, rn, 0)
+    rn_safe = tl.where(n_ok, r_local, 0)
     if ALIGNED:  # strides come in 16-byte units: the ×4 tells the compiler rows are 16-byte aligned
         w_row = rn_safe * stride_w * 4
         a_row = rm_safe * stride_a * 4
@@ -314,7 +339,7 @@ def w4a8_gemv_kernel(
         w_row = rn_safe * stride_w
         a_row = rm_safe * stride_a
         kw_total = KW
-    w_ptrs = w_ptr + w_row[:, None] + rw[None, :]  # [BLOCK_N, WT]: contiguous along K
+    w_ptrs = w_base + w_row[:, None] + rw[None, :]  # [BLOCK_N, WT]: contiguous along K
     a_ptrs = a_ptr + a_row[:, None] + ra[None, :]  # [BLOCK_M, 2·WT]
     acc = tl.zeros([BLOCK_M, BLOCK_N, G], dtype=tl.int32)
     asum = tl.zeros([BLOCK_M, G, 4], dtype=tl.int32)
@@ -413,29 +438,50 @@ def w4a8_gemv(a: torch.Tensor, s_x: torch.Tensor, packed: torch.Tensor, w_scale:
     """a int8/e4m3 [M, K] (M ≤ 16, K % 8 == 0), packed uint8 [N, K/2] -> y [M, N] out_dtype.
 
     tune: block_n, block_k, waves, num_warps, num_stages (see `gemv_config`)."""
+    return w4a8_gemv_joined(a, s_x, [packed], w_scale, w_zero, bias, out_dtype, config, **tune)
+
+
+def w4a8_gemv_joined(a: torch.Tensor, s_x: torch.Tensor, packed: list[torch.Tensor], w_scale: torch.Tensor,
+                     w_zero: torch.Tensor, bias: torch.Tensor | None = None, out_dtype: torch.dtype = torch.bfloat16,
+                     config: dict[str, int] | None = None, **tune: int) -> torch.Tensor:
+    """One launch for up to three weights that read the same activation (q/k/v, gate/up):
+    y [M, ΣN_i] = a·[W_1; W_2; W_3]ᵀ with the packed weights left where they are.
+
+    packed: 1–3 uint8 [N_i, K/2] with equal K and row stride; w_scale, w_zero (and bias)
+    cover the stacked rows: [ΣN_i]. Column block i of y is what `w4a8_gemv` gives for W_i."""
+    if not 1 <= len(packed) <= 3:
+        raise ValueError(f"the GEMV joins 1 to 3 weights, got {len(packed)}")
     m, k = a.shape
-    n = packed.shape[0]
-    if not gemv_supported(m, k, packed):
-        raise ValueError(f"the GEMV takes M ≤ {GEMV_MAX_M} and K % 8 == 0 with 4-byte aligned weight rows "
-                         f"(M={m}, K={k})")
+    for p in packed:
+        if not gemv_supported(m, k, p) or p.shape[1] != packed[0].shape[1] or p.stride(0) != packed[0].stride(0):
+            raise ValueError(f"the GEMV takes M ≤ {GEMV_MAX_M} and K % 8 == 0 with 4-byte aligned weight rows "
+                             f"of one stride (M={m}, K={k}, weights {[tuple(q.shape) for q in packed]})")
+    rows = [p.shape[0] for p in packed]
+    n = sum(rows)
     if a.dtype != torch.int8:  # e4m3 holding integers (not the decode carrier): exact conversion
         a = a.to(torch.int8)
     if a.stride(-1) != 1 or a.stride(0) % 4 or a.data_ptr() % 4:
         a = torch.empty_like(a, memory_format=torch.contiguous_format).copy_(a)
     cfg = dict(config or gemv_config(m, n, k, _num_sms(a.device), **tune))
     split_k, tiles_per_split = cfg.pop("split_k"), cfg.pop("tiles_per_split")  # runtime: no recompiles
-    a32, w32 = a.view(torch.int32), packed.view(torch.int32)
-    sa, sw = a32.stride(0), w32.stride(0)
+    a32 = a.view(torch.int32)
+    w32 = [p.view(torch.int32) for p in packed]
+    sa, sw = a32.stride(0), w32[0].stride(0)
     aligned = sa % 4 == 0 and sw % 4 == 0 and (k // 8) % 4 == 0
     out = torch.empty((m, n), dtype=out_dtype, device=a.device)
-    n_tiles = triton.cdiv(n, cfg["BLOCK_N"])
+    tiles = [triton.cdiv(r, cfg["BLOCK_N"]) for r in rows]  # a row block never straddles two weights
+    n_tiles = sum(tiles)
+    w32 += [w32[0]] * (3 - len(w32))
+    n1, n2 = rows[0], rows[1] if len(rows) > 1 else 0
+    t1, t2 = tiles[0], tiles[0] + (tiles[1] if len(tiles) > 1 else 0)
     # One split never touches the workspace, but the kernel is compiled for its pointer types
     # (split_k is a runtime value): the counters must be int32 whatever out's dtype.
     ws, cnt = _gemv_workspace(m * n if split_k > 1 else 1, n_tiles if split_k > 1 else 1, a.device)
     has_bias = bias is not None
     w4a8_gemv_kernel[(n_tiles, split_k)](
-        a32, w32, s_x, w_scale, w_zero, bias if has_bias else out, out, ws, cnt,
-        m, n, k // 8, sa // 4 if aligned else sa, sw // 4 if aligned else sw, out.stride(0), split_k, tiles_per_split,
-        HAS_BIAS=has_bias, EVEN_K=(k // 8) % (cfg["BLOCK_K"] // 8) == 0, ALIGNED=aligned, **cfg,
+        a32, *w32, s_x, w_scale, w_zero, bias if has_bias else out, out, ws, cnt,
+        m, n, n1, n2, t1, t2, k // 8, sa // 4 if aligned else sa, sw // 4 if aligned else sw, out.stride(0),
+        split_k, tiles_per_split,
+        HAS_BIAS=has_bias, EVEN_K=(k // 8) % (cfg["BLOCK_K"] // 8) == 0, ALIGNED=aligned, SEGMENTS=len(packed), **cfg,
     )
     return out

@@ -21,9 +21,10 @@ import torch
 
 from duquant.kernels.reference import hadamard_split, sylvester
 from duquant.kernels.norm import InputNorm
+from duquant.kernels.tensor_cache import TensorKeyedCache
 from duquant.kernels.triton_transform import two_stage_quantize
 
-_PLAN: dict[tuple, tuple] = {}
+_PLAN = TensorKeyedCache()
 
 
 def _next_pow2(v: int) -> int:
@@ -32,10 +33,10 @@ def _next_pow2(v: int) -> int:
 
 def hadamard_plan(k: int, had_m: torch.Tensor | None, device: torch.device, precise: bool = False) -> tuple:
     """(n, S_n, dest, N2, rot2ᵀ, srow, ocol) for K and the base factor, cached."""
-    key = (k, None if had_m is None else (had_m.data_ptr(), had_m.shape[0]), device, precise)
-    hit = _PLAN.get(key)
-    if hit is not None:
-        return hit
+    return _PLAN.get((had_m,), (k, device, precise), lambda: _make_plan(k, had_m, device, precise))
+
+
+def _make_plan(k: int, had_m: torch.Tensor | None, device: torch.device, precise: bool) -> tuple:
     m, p = hadamard_split(k, had_m)
     n = min(p, 128)
     if n < 16:
@@ -63,7 +64,6 @@ def hadamard_plan(k: int, had_m: torch.Tensor | None, device: torch.device, prec
     rdt = torch.float32 if precise else torch.bfloat16
     plan = (n, sylvester(n).to(device, rdt), dest.to(device, torch.int32), n2, rot2t.to(device, rdt),
             srow.to(device, torch.int32), ocol.to(device, torch.int32))
-    _PLAN[key] = plan
     return plan
 
 

@@ -49,13 +49,17 @@ def row_transform_quant_kernel(
     col = blk[:, None] * N + c[None, :]  # channel of each element [R, N]
     ok = ((tok < M) & (blk < NB))[:, None]
     offs = tok.to(tl.int64)[:, None] * stride_xm + col
-    h = tl.load(x_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+    # Padding (blocks past K, tokens past M) reads 1, not 0: IEEE division (div_rn, in the
+    # smoothing and the quantizer) takes a slow path when the quotient is 0 (see the tiles
+    # kernel's _rot1_store). Padding is masked out of every sum, min and max, and never stored.
+    h = tl.load(x_ptr + offs, mask=ok, other=1.0).to(tl.float32)
     if GATED:  # silu(gate)·up (x is the gate projection)
-        h = h * tl.sigmoid(h) * tl.load(up_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+        h = h * tl.sigmoid(h) * tl.load(up_ptr + offs, mask=ok, other=1.0).to(tl.float32)
     if HAS_NORM:  # RMSNorm: codes from x·w, the scale divided by rms(x) at the end
-        rinv = 1.0 / tl.sqrt(tl.sum(tl.reshape(tl.sum(h * h, axis=1), [T, NB_PAD]), axis=1) / K + eps)  # [T]
+        sq = tl.sum(tl.where(ok, h * h, 0.0), axis=1)
+        rinv = 1.0 / tl.sqrt(tl.sum(tl.reshape(sq, [T, NB_PAD]), axis=1) / K + eps)  # [T]
         if NORM_W:
-            h = h * tl.load(norm_w_ptr + col, mask=ok, other=0.0).to(tl.float32)
+            h = h * tl.load(norm_w_ptr + col, mask=ok, other=1.0).to(tl.float32)
     if HAS_SMOOTH:
         h = tl.math.div_rn(h, tl.load(smooth_ptr + col, mask=ok, other=1.0))
     rr = tl.arange(0, N)
@@ -66,7 +70,7 @@ def row_transform_quant_kernel(
         tl.store(row + col, h.to(scratch_ptr.dtype.element_ty), mask=ok)
         tl.debug_barrier()  # the whole row is written before any thread gathers from it
         src = tl.load(perm_ptr + col, mask=ok, other=0)
-        h = tl.load(row + src, mask=ok, other=0.0).to(tl.float32)
+        h = tl.load(row + src, mask=ok, other=1.0).to(tl.float32)
     if HAS_R2:
         h = _dot(h, tl.load(rot2_ptr + rr[:, None] * N + rr[None, :]), PRECISE)
     # per-token range: min/max of each tile row, then over the NB_PAD rows of a token

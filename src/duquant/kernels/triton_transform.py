@@ -37,6 +37,7 @@ import triton
 import triton.language as tl
 
 from duquant.kernels.norm import InputNorm, check_one_fused_op
+from duquant.kernels.tensor_cache import TensorKeyedCache
 from duquant.kernels.triton_quant import centered_codes, token_qparams
 
 
@@ -428,32 +429,27 @@ class Factors(NamedTuple):
     smooth: torch.Tensor | None
 
 
-_PREP: dict[tuple, Factors] = {}
+_PREP = TensorKeyedCache()
 
 
 def prepared_factors(rot1, perm, rot2, smooth, precise) -> Factors:
-    """`Factors` of a transform, cached by identity (tensors of a model layer live for the
-    model's life; the key holds data_ptr and version)."""
-    key = tuple(None if t is None else (t.data_ptr(), t._version, tuple(t.shape), t.dtype) for t in
-                (rot1, perm, rot2, smooth)) + (precise,)
-    hit = _PREP.get(key)
-    if hit is not None:
-        return hit
+    """`Factors` of a transform, cached for as long as these very tensors live unchanged
+    (`TensorKeyedCache`: a model layer's factors are prepared once)."""
+    return _PREP.get((rot1, perm, rot2, smooth), precise, lambda: _prepare(rot1, perm, rot2, smooth, precise))
+
+
+def _prepare(rot1, perm, rot2, smooth, precise) -> Factors:
     rdt = torch.float32 if precise else torch.bfloat16
     dest = perm32 = None
     if perm is not None:  # v[:, j] = u[:, perm[j]]: input channel perm[j] goes to scratch row j
         perm32 = perm.to(torch.int32).contiguous()
         dest = torch.empty_like(perm32)
         dest[perm] = torch.arange(perm.numel(), device=perm.device, dtype=torch.int32)
-    factors = Factors(
+    return Factors(
         rot1.to(rdt).contiguous() if rot1 is not None else None,
         rot2.to(rdt).contiguous() if rot2 is not None else None,
         rot2.t().to(rdt).contiguous() if rot2 is not None else None,
         dest, perm32, smooth.to(torch.float32).contiguous() if smooth is not None else None)
-    if len(_PREP) > 512:
-        _PREP.clear()
-    _PREP[key] = factors
-    return factors
 
 
 def duquant_quantize(x: torch.Tensor, rot1: torch.Tensor | None, perm: torch.Tensor | None,

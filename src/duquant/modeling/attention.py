@@ -14,10 +14,16 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from ..quant.quantizer import QuantSpec, fake_quantize
+from ..kernels import ops
+from ..quant.quantizer import QuantSpec
 from ..transforms.hadamard import apply_hadamard
 
 ATTENTION_NAME = "duquant"
+
+
+def _fake_quantize(x: torch.Tensor, spec: QuantSpec | None) -> torch.Tensor:
+    """fake_quantize(x, spec), as one kernel on CUDA (`ops.fake_quantize_cast`, bit-exact)."""
+    return ops.fake_quantize_cast(x, spec, x.dtype)
 
 
 class AttentionQuantizer(nn.Module):
@@ -34,10 +40,10 @@ class AttentionQuantizer(nn.Module):
 
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor):
         # Shapes [batch, heads, tokens, head_dim]: a row of the last dim is one (token, head).
-        query = fake_quantize(self.rotate_qk(query), self.q_spec)
+        query = _fake_quantize(self.rotate_qk(query), self.q_spec)
         if not self._take_from_cache(key, value):
-            key = fake_quantize(self.rotate_qk(key), self.k_spec)
-            value = fake_quantize(value, self.v_spec)
+            key = _fake_quantize(self.rotate_qk(key), self.k_spec)
+            value = _fake_quantize(value, self.v_spec)
         return query, key, value
 
     # --- hand-over from a quantized KV cache (modeling/kv_cache.py) -----------------------

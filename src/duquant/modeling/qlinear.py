@@ -13,7 +13,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..quant.packing import pack_codes, unpack_codes
-from ..quant.quantizer import QuantSpec, dequantize, fake_quantize
+from ..kernels import ops
+from ..quant.quantizer import QuantSpec, dequantize
 from ..transforms.online import OnlineTransform, same_transform
 from .input_memo import InputMemo, siblings_with_twin
 
@@ -78,10 +79,10 @@ class QuantLinear(nn.Module):
         return self._weight_cache[1]
 
     def quantize_input(self, x: torch.Tensor) -> torch.Tensor:
-        """fake_quant(x·G): the activation as the quantized layer sees it."""
-        if self.input_transform is not None:
-            x = self.input_transform(x)
-        return fake_quantize(x, self.act_spec)
+        """fake_quant(x·G): the activation as the quantized layer sees it (x·G cast back to
+        x's dtype first; on CUDA the cast and the quantizer run as one kernel)."""
+        y = x if self.input_transform is None else self.input_transform.apply_float(x)
+        return ops.fake_quantize_cast(y, self.act_spec, x.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.input_share_key is None or (self.input_transform is None and self.act_spec is None):

@@ -122,6 +122,9 @@ class RealQuantLinear(nn.Module):
                                       symmetric=self.act_symmetric, norm=norm, up=up)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        joined = self.__dict__.get("joined_decode")  # set by modeling.joined_decode
+        if joined is not None and joined.applies(x):
+            return joined.forward(self, x)
         return self._linear(x, *self._quantize_input(x))
 
     def forward_gated(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
@@ -188,14 +191,20 @@ def share_sibling_transforms(model: nn.Module) -> int:
 
 
 def to_real_backend(model: nn.Module, prefill_weight: str | None = None,
-                    fuse: bool = True) -> dict[str, list[str]]:
+                    fuse: bool = True, join_decode: bool = True) -> dict[str, list[str]]:
     """Swap every `QuantLinear` of `model` that the kernels cover for a `RealQuantLinear`
     (in place); fuse: also fold the RMSNorms in front of them and SwiGLU's silu(gate)·up
     into their transform kernels (`modeling.fusion`; on by default: on the H100 it gave the
-    same SmolLM2 perplexity and a faster layer, results/kernels/NOTES.md session 4). Returns {"real": [names],
-    "simulated": [names kept simulated], "fused": [names of the fused norms and MLPs]}."""
+    same SmolLM2 perplexity and a faster layer, results/kernels/NOTES.md session 4);
+    join_decode: at decode, run q/k/v and gate/up as one GEMV launch each
+    (`modeling.joined_decode`). Returns {"real": [names], "simulated": [names kept
+    simulated], "fused": [names of the fused norms and MLPs]}."""
     real = _swap(model, QuantLinear, lambda layer: RealQuantLinear(layer, prefill_weight) if supports_real(layer) else None)
     share_sibling_transforms(model)
+    if join_decode:
+        from .joined_decode import join_sibling_decodes
+
+        join_sibling_decodes(model)
     fused: list[str] = []
     if fuse:
         from .fusion import fuse_norms, fuse_swiglu

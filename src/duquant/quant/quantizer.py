@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 
 # Smallest step allowed; guards rows that are constant (e.g. all zeros).
-_MIN_SCALE = 1e-8
+MIN_SCALE = 1e-8
 
 
 @dataclass(frozen=True)
@@ -79,12 +79,12 @@ def _group_qparams(xg: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, tor
     if spec.symmetric:
         half = 1 << (spec.bits - 1)
         amax = xg.abs().amax(dim=-1) * spec.clip
-        scale = (amax / (half - 1)).clamp(min=_MIN_SCALE)
+        scale = (amax / (half - 1)).clamp(min=MIN_SCALE)
         zero = torch.full_like(scale, float(half))
     else:
         xmin, xmax = torch.aminmax(xg, dim=-1)  # one pass; the same values as amin and amax
         xmin, xmax = xmin * spec.clip, xmax * spec.clip
-        scale = ((xmax - xmin) / spec.qmax).clamp(min=_MIN_SCALE)
+        scale = ((xmax - xmin) / spec.qmax).clamp(min=MIN_SCALE)
         zero = -torch.round(xmin / scale)
     return scale, zero
 

@@ -56,10 +56,14 @@ class OnlineTransform(nn.Module):
             x = apply_hadamard(x)
         return x
 
+    def apply_float(self, x: torch.Tensor) -> torch.Tensor:
+        """x·G in float32 (float64 stays float64), not cast back."""
+        compute = torch.float64 if x.dtype == torch.float64 else torch.float32
+        return self._apply_factors(x.to(compute), compute)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x·G, computed in float32 (float64 stays float64) and cast back."""
-        compute = torch.float64 if x.dtype == torch.float64 else torch.float32
-        return self._apply_factors(x.to(compute), compute).to(x.dtype)
+        return self.apply_float(x).to(x.dtype)
 
     def fold_into_weight(self, weight: torch.Tensor) -> torch.Tensor:
         """W·G in float64 for a weight of shape [out, in]."""

@@ -1,0 +1,82 @@
+"""The simulated quantizer's activation path in one kernel: cast to the model dtype, then
+per-row fake quantization, bit for bit what `quant.quantizer.fake_quantize(y.to(dtype), spec)`
+computes with PyTorch ops.
+
+Why: calibration runs every quantized layer in simulated form over the whole calibration set
+(128 × 2048 tokens), and there the PyTorch quantizer is a chain of ~10 elementwise passes over
+a float32 copy of the activation (cast, cast back, min/max, divide, round, add, clamp,
+subtract, multiply, cast): on the H100 about 0.3 s per LLaMA-2-7B layer
+(results/bench_h100/session5_profile/). This kernel reads the transform's float32 output once
+and writes the model-dtype result once.
+
+Bit-exactness: the same float32 operations in the same order. The division is IEEE
+(`div_rn`, as PyTorch's), rounding is half-to-even (libdevice rint), and fp contraction is off
+at launch (a multiply followed by an add must not become one FMA, which rounds once).
+One program per row: the whole row (K ≤ 16384) stays in registers between the min/max and the
+quantization.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+from triton.language.extra import libdevice
+
+from duquant.kernels.triton_quant import rint as rint_interpretable
+
+_INTERPRET = tl.constexpr(os.environ.get("TRITON_INTERPRET") == "1")
+MAX_K = 16384
+
+
+@triton.jit
+def _rint(v):
+    if _INTERPRET:  # libdevice does not run in the interpreter (exact for |v| < 2^22)
+        return rint_interpretable(v)
+    return libdevice.rint(v)
+
+
+@triton.jit
+def fake_quant_rows_kernel(y_ptr, out_ptr, K, stride_y, stride_o, clip, qmax, min_scale,
+                           BLOCK_K: tl.constexpr, SYMMETRIC: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK_K)
+    ok = cols < K
+    # y.to(dtype) first: the simulated layer quantizes the transform's output in the model dtype
+    v = tl.load(y_ptr + row * stride_y + cols, mask=ok, other=0.0)
+    x = v.to(out_ptr.dtype.element_ty).to(tl.float32)
+    if SYMMETRIC:
+        half = (qmax + 1.0) * 0.5
+        amax = tl.max(tl.where(ok, tl.abs(x), 0.0), axis=0) * clip
+        scale = tl.maximum(tl.math.div_rn(amax, half - 1.0), min_scale)
+        zero = half
+    else:
+        lo = tl.min(tl.where(ok, x, float("inf")), axis=0) * clip
+        hi = tl.max(tl.where(ok, x, float("-inf")), axis=0) * clip
+        scale = tl.maximum(tl.math.div_rn(hi - lo, qmax), min_scale)
+        zero = -_rint(tl.math.div_rn(lo, scale))
+    q = _rint(tl.math.div_rn(x, scale)) + zero
+    q = tl.minimum(tl.maximum(q, 0.0), qmax)
+    tl.store(out_ptr + row * stride_o + cols, ((q - zero) * scale).to(out_ptr.dtype.element_ty), mask=ok)
+
+
+def supported(y: torch.Tensor, out_dtype: torch.dtype, group_size: int) -> bool:
+    return (y.dtype in (torch.float32, torch.float16, torch.bfloat16) and out_dtype in (torch.float32, torch.float16,
+            torch.bfloat16) and group_size == 0 and 0 < y.shape[-1] <= MAX_K)
+
+
+def fake_quantize_rows(y: torch.Tensor, out_dtype: torch.dtype, bits: int, symmetric: bool, clip: float,
+                       min_scale: float) -> torch.Tensor:
+    """fake_quantize(y.to(out_dtype), QuantSpec(bits, symmetric, clip)) per row of y [..., K]."""
+    k = y.shape[-1]
+    y2 = y.reshape(-1, k)
+    if y2.stride(-1) != 1:
+        y2 = y2.contiguous()
+    out = torch.empty(y2.shape, dtype=out_dtype, device=y.device)
+    if y2.shape[0]:
+        block = triton.next_power_of_2(k)
+        fake_quant_rows_kernel[(y2.shape[0],)](
+            y2, out, k, y2.stride(0), out.stride(0), float(clip), float((1 << bits) - 1), float(min_scale),
+            BLOCK_K=block, SYMMETRIC=symmetric, num_warps=4 if block <= 4096 else 8, enable_fp_fusion=False)
+    return out.reshape(y.shape)
