@@ -5,6 +5,7 @@ byte. This is where the cost figures in the kernel's docstring come from.
 
     PYTHONPATH=src python scripts/gemv_sass.py                   # the default tile of each M
     PYTHONPATH=src python scripts/gemv_sass.py 8,32,1024,4,3     # M,BLOCK_N,BLOCK_K,warps,stages
+    PYTHONPATH=src python scripts/gemv_sass.py 1,32,1024,4,3,3   # ... and 3 joined weights (q/k/v)
 """
 from __future__ import annotations
 
@@ -21,11 +22,12 @@ from triton.compiler import ASTSource
 from duquant.kernels.triton_decode import gemv_config, w4a8_gemv_kernel
 
 SIGNATURE = {
-    "a_ptr": "*i32", "w_ptr": "*i32", "sx_ptr": "*fp32", "sw_ptr": "*fp32", "zw_ptr": "*fp32", "bias_ptr": "*bf16",
-    "out_ptr": "*bf16", "ws_ptr": "*fp32", "cnt_ptr": "*i32", "M": "i32", "N": "i32", "KW": "i32", "stride_a": "i32",
+    "a_ptr": "*i32", "w_ptr": "*i32", "w2_ptr": "*i32", "w3_ptr": "*i32", "sx_ptr": "*fp32", "sw_ptr": "*fp32",
+    "zw_ptr": "*fp32", "bias_ptr": "*bf16", "out_ptr": "*bf16", "ws_ptr": "*fp32", "cnt_ptr": "*i32", "M": "i32",
+    "N": "i32", "N1": "i32", "N2": "i32", "T1": "i32", "T2": "i32", "KW": "i32", "stride_a": "i32",
     "stride_w": "i32", "stride_om": "i32", "split_k": "i32", "tiles_per_split": "i32", "BLOCK_M": "constexpr",
     "BLOCK_N": "constexpr", "BLOCK_K": "constexpr", "NUM_STAGES": "constexpr", "HAS_BIAS": "constexpr",
-    "EVEN_K": "constexpr", "ALIGNED": "constexpr",
+    "EVEN_K": "constexpr", "ALIGNED": "constexpr", "SEGMENTS": "constexpr",
 }
 
 
@@ -47,9 +49,11 @@ def loop_body(sass: str) -> list[str]:
     return best
 
 
-def inspect(m: int, block_n: int, block_k: int, warps: int, stages: int, k: int = 4096, n: int = 4096) -> str:
+def inspect(m: int, block_n: int, block_k: int, warps: int, stages: int, segments: int = 1, k: int = 4096,
+            n: int = 4096) -> str:
     const = {"BLOCK_M": triton.next_power_of_2(m), "BLOCK_N": block_n, "BLOCK_K": block_k, "NUM_STAGES": stages,
-             "HAS_BIAS": True, "EVEN_K": (k // 8) % (block_k // 8) == 0, "ALIGNED": k % 32 == 0}
+             "HAS_BIAS": True, "EVEN_K": (k // 8) % (block_k // 8) == 0, "ALIGNED": k % 32 == 0,
+             "SEGMENTS": segments}
     names = list(SIGNATURE)
     values = {"N": n, "KW": k // 8, "stride_a": k // 16, "stride_w": k // 32, "stride_om": n}
     div16 = [x for x in names if SIGNATURE[x].startswith("*")] + [x for x, v in values.items() if v % 16 == 0]
@@ -68,7 +72,7 @@ def inspect(m: int, block_n: int, block_k: int, warps: int, stages: int, k: int 
     body = loop_body(sass)
     per_thread = block_n * block_k // 2 // (32 * warps)  # packed bytes per thread per tile
     idp = sum("IDP" in x for x in body)
-    return (f"M={m:2d} BLOCK_N={block_n:3d} BLOCK_K={block_k:4d} warps={warps} stages={stages}: regs {regs}, "
+    return (f"M={m:2d} segments={segments} BLOCK_N={block_n:3d} BLOCK_K={block_k:4d} warps={warps} stages={stages}: regs {regs}, "
             f"stack {stack}, smem {c.metadata.shared} B; loop {len(body)} instr, {idp} dp4a for {per_thread} B/thread "
             f"-> {len(body) / per_thread:.2f} instr/B, {idp / per_thread:.2f} dp4a/B")
 

@@ -258,7 +258,9 @@ def _gemv_tile(w_ptrs, a_ptrs, kw, kw_total, rw, ra, acc, asum, ones,
 
 # split_k / tiles_per_split stay runtime values (no "== 1" specialization): a one-split call
 # and a split-K call share one binary, so a warm-up call compiles what a graph capture needs.
-@triton.jit(do_not_specialize=["split_k", "tiles_per_split"])
+# N1, N2, T1, T2 too: a value of 1 would become a compile-time constant, whose type differs from
+# the runtime ints the segment branches below assign to the same variables.
+@triton.jit(do_not_specialize=["split_k", "tiles_per_split", "N", "N1", "N2", "T1", "T2"])
 def w4a8_gemv_kernel(
     a_ptr, w_ptr, w2_ptr, w3_ptr, sx_ptr, sw_ptr, zw_ptr, bias_ptr, out_ptr, ws_ptr, cnt_ptr,
     M, N, N1, N2, T1, T2, KW, stride_a, stride_w, stride_om, split_k, tiles_per_split,
@@ -309,7 +311,7 @@ def w4a8_gemv_kernel(
     # this row block's weight tensor, its first row there and the stacked column of that row
     w_base = w_ptr
     row0 = pid_n * BLOCK_N
-    col0 = 0
+    col0 = pid_n * 0  # a runtime int like the values the branches assign
     rows_here = N
     if SEGMENTS > 1:
         rows_here = N1

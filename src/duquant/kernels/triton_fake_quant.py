@@ -12,8 +12,8 @@ and writes the model-dtype result once.
 Bit-exactness: the same float32 operations in the same order. The division is IEEE
 (`div_rn`, as PyTorch's), rounding is half-to-even (libdevice rint), and fp contraction is off
 at launch (a multiply followed by an add must not become one FMA, which rounds once).
-One program per row: the whole row (K ≤ 16384) stays in registers between the min/max and the
-quantization.
+A program holds whole rows (K ≤ 16384; several short rows, e.g. attention heads) in registers
+between the min/max and the quantization.
 """
 from __future__ import annotations
 
@@ -38,27 +38,28 @@ def _rint(v):
 
 
 @triton.jit
-def fake_quant_rows_kernel(y_ptr, out_ptr, K, stride_y, stride_o, clip, qmax, min_scale,
-                           BLOCK_K: tl.constexpr, SYMMETRIC: tl.constexpr):
-    row = tl.program_id(0).to(tl.int64)
+def fake_quant_rows_kernel(y_ptr, out_ptr, M, K, stride_y, stride_o, clip, qmax, min_scale,
+                           ROWS: tl.constexpr, BLOCK_K: tl.constexpr, SYMMETRIC: tl.constexpr):
+    rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
     cols = tl.arange(0, BLOCK_K)
-    ok = cols < K
+    ok = (rows < M)[:, None] & (cols < K)[None, :]
     # y.to(dtype) first: the simulated layer quantizes the transform's output in the model dtype
-    v = tl.load(y_ptr + row * stride_y + cols, mask=ok, other=0.0)
+    v = tl.load(y_ptr + rows[:, None] * stride_y + cols[None, :], mask=ok, other=0.0)
     x = v.to(out_ptr.dtype.element_ty).to(tl.float32)
     if SYMMETRIC:
         half = (qmax + 1.0) * 0.5
-        amax = tl.max(tl.where(ok, tl.abs(x), 0.0), axis=0) * clip
+        amax = tl.max(tl.where(ok, tl.abs(x), 0.0), axis=1) * clip
         scale = tl.maximum(tl.math.div_rn(amax, half - 1.0), min_scale)
-        zero = half
+        zero = tl.zeros_like(scale) + half
     else:
-        lo = tl.min(tl.where(ok, x, float("inf")), axis=0) * clip
-        hi = tl.max(tl.where(ok, x, float("-inf")), axis=0) * clip
+        lo = tl.min(tl.where(ok, x, float("inf")), axis=1) * clip
+        hi = tl.max(tl.where(ok, x, float("-inf")), axis=1) * clip
         scale = tl.maximum(tl.math.div_rn(hi - lo, qmax), min_scale)
         zero = -_rint(tl.math.div_rn(lo, scale))
-    q = _rint(tl.math.div_rn(x, scale)) + zero
+    q = _rint(tl.math.div_rn(x, scale[:, None])) + zero[:, None]
     q = tl.minimum(tl.maximum(q, 0.0), qmax)
-    tl.store(out_ptr + row * stride_o + cols, ((q - zero) * scale).to(out_ptr.dtype.element_ty), mask=ok)
+    out = ((q - zero[:, None]) * scale[:, None]).to(out_ptr.dtype.element_ty)
+    tl.store(out_ptr + rows[:, None] * stride_o + cols[None, :], out, mask=ok)
 
 
 def supported(y: torch.Tensor, out_dtype: torch.dtype, group_size: int) -> bool:
@@ -73,10 +74,13 @@ def fake_quantize_rows(y: torch.Tensor, out_dtype: torch.dtype, bits: int, symme
     y2 = y.reshape(-1, k)
     if y2.stride(-1) != 1:
         y2 = y2.contiguous()
+    m = y2.shape[0]
     out = torch.empty(y2.shape, dtype=out_dtype, device=y.device)
-    if y2.shape[0]:
+    if m:
         block = triton.next_power_of_2(k)
-        fake_quant_rows_kernel[(y2.shape[0],)](
-            y2, out, k, y2.stride(0), out.stride(0), float(clip), float((1 << bits) - 1), float(min_scale),
-            BLOCK_K=block, SYMMETRIC=symmetric, num_warps=4 if block <= 4096 else 8, enable_fp_fusion=False)
+        rows = max(1, 2048 // block)  # short rows (attention heads): several per program
+        fake_quant_rows_kernel[(triton.cdiv(m, rows),)](
+            y2, out, m, k, y2.stride(0), out.stride(0), float(clip), float((1 << bits) - 1), float(min_scale),
+            ROWS=rows, BLOCK_K=block, SYMMETRIC=symmetric, num_warps=4 if rows * block <= 4096 else 8,
+            enable_fp_fusion=False)
     return out.reshape(y.shape)
