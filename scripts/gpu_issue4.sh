@@ -10,7 +10,7 @@
 #              (scripts/fused_norm_repro.py, with the old data_ptr-keyed factor cache and with the fixed one),
 #              then scripts/decode_kernels.py (joined vs separate GEMVs vs BF16; decode transform variants)
 #   layer      duquant bench --level layer (bf16, w4a4, w4a4_fp8w, w4a4_fp8w_fused; eager and CUDA-graph prefill)
-#              (layer, e2e: DUQUANT_TRANSFORM_KERNEL=auto in the environment sends M ≤ DUQUANT_ROWS_MAX_M to the rows kernel)
+#              (layer, e2e: the default DUQUANT_TRANSFORM_KERNEL=auto sends one token of K ≤ 4096 to the rows kernel)
 #   e2e        duquant bench --level e2e (bf16, w4a4, w4a4_fused)
 #   rows       duquant bench --level layer --variants bf16 w4a4_fp8w w4a4_fp8w_fused, rows transform kernel
 #   three      the same layer bench (bf16, w4a4_fp8w_fused) with the three-launch transform at every M

@@ -21,29 +21,32 @@ from duquant.quant.quantizer import MIN_SCALE, QuantSpec, fake_quantize
 # slower than BF16 already at M = 16 (results/kernels/NOTES.md), so keep it small.
 DECODE_MAX_M = 16
 # Up to this M the decode path is the dp4a GEMV (triton_decode.w4a8_gemv, kernel limit 16);
-# above it, the int8-MMA decode kernel. Chosen from the sm_90 SASS, not yet from H100 timings:
-# the GEMV costs ~2·M dp4a per packed 4-byte word and no padding of M to 16, so it should stay
-# weight-bandwidth-bound to M ≈ 8 and still beat the MMA kernel (11–20 µs, ~1 TB/s, flat in
-# M ≤ 16) at M = 16. Lower it if the bench (`gemv_*` against `decode_*` keys) says otherwise.
-DECODE_GEMV_MAX_M = 16
+# above it, the int8-MMA decode kernel. H100, best configs (results/kernels/session5/
+# kernel_decode.json, µs, GEMV / MMA): M = 4: 7.7 / 11.7, 13.9 / 21.0, 13.1 / 19.2; M = 16:
+# 16.3 / 11.7, 30.1 / 21.3, 29.0 / 20.1 (4096², 11008×4096, 4096×11008). The GEMV's dp4a work
+# grows with M, the MMA kernel is flat: the crossover lies between 4 and 16 (M = 8 interpolates
+# to ~10.6 / 11.7 µs at 4096², not measured), so 8.
+DECODE_GEMV_MAX_M = 8
 # v1 of the fused Hadamard kernel failed parity on H100; v2 (the three-launch pipeline of
 # triton_transform) replaced it. DUQUANT_HADAMARD_KERNEL=0 sends hadamard_quantize to the
 # reference on every device.
 HADAMARD_KERNEL_VERIFIED = os.environ.get("DUQUANT_HADAMARD_KERNEL", "1") == "1"
 # Kernel of the DuQuant transform: "tiles" (triton_transform: (token tile × block) programs,
 # one or three launches) or "rows" (triton_row_transform: whole rows per program, the blocks
-# as the MMA's M dimension). Measured on the H100 (results/kernels/NOTES.md, sessions 4-5), rows
-# was faster only at M = 1, K = 4096 (12 vs 21 µs) and 2–4× slower elsewhere; since the session-5
-# padding fix tiles takes 10.6 µs there too, so tiles is the default.
-# DUQUANT_TRANSFORM_KERNEL=rows selects rows, =auto rows up to ROWS_MAX_M tokens.
-TRANSFORM_KERNEL = os.environ.get("DUQUANT_TRANSFORM_KERNEL", "tiles")
-ROWS_MAX_M = int(os.environ.get("DUQUANT_ROWS_MAX_M", "1"))  # rows won only at M = 1 (K = 4096)
+# as the MMA's M dimension). H100, CUDA-graph µs per call (results/kernels/session6/
+# decode_kernels.md; tiles three launches / rows): K = 4096 with the fused RMSNorm, M = 1:
+# 9.2 / 7.3, M = 4: 9.3 / 28.3; K = 11008 with the fused SwiGLU, M = 1: 11.7 / 16.0 (8 warps).
+# So "auto" (the default) takes rows for one token when K ≤ ROWS_MAX_K, tiles everywhere else;
+# DUQUANT_TRANSFORM_KERNEL=tiles or =rows forces one kernel.
+TRANSFORM_KERNEL = os.environ.get("DUQUANT_TRANSFORM_KERNEL", "auto")
+ROWS_MAX_M = int(os.environ.get("DUQUANT_ROWS_MAX_M", "1"))
+ROWS_MAX_K = int(os.environ.get("DUQUANT_ROWS_MAX_K", "4096"))
 
 
-def transform_kernel(m: int) -> str:
-    """Which DuQuant transform kernel runs for m tokens: "tiles" or "rows"."""
+def transform_kernel(m: int, k: int) -> str:
+    """Which DuQuant transform kernel runs for m tokens of k channels: "tiles" or "rows"."""
     if TRANSFORM_KERNEL == "auto":
-        return "rows" if m <= ROWS_MAX_M else "tiles"
+        return "rows" if m <= ROWS_MAX_M and k <= ROWS_MAX_K else "tiles"
     return TRANSFORM_KERNEL
 # Carrier of the prefill GEMM: "fp8" (cuBLAS _scaled_mm) or "int8" (Triton). Chosen from
 # results/kernels (the faster one on H100 at LLaMA-2-7B shapes).
@@ -104,7 +107,7 @@ def transform_quantize(x: torch.Tensor, rot1: torch.Tensor | None = None, perm: 
     m = x.numel() // x.shape[-1]
     out_dtype = out_dtype or act_dtype(m)
     if use_triton(x):
-        if transform_kernel(m) == "rows":
+        if transform_kernel(m, x.shape[-1]) == "rows":
             from duquant.kernels.triton_row_transform import duquant_quantize_rows
             a, s = duquant_quantize_rows(x, rot1, perm, rot2, smooth, bits, clip, out_dtype, precise,
                                          symmetric=symmetric, norm=norm, up=up)

@@ -1,7 +1,7 @@
 """Decode GEMM (few tokens): int8 activations × packed 4-bit weights, read straight from
 the packed bytes. Two kernels:
 
-* `w4a8_gemv` (M ≤ 16, the default for decode; see ops.DECODE_GEMV_MAX_M): CUDA-core
+* `w4a8_gemv` (M ≤ 16; the decode default up to ops.DECODE_GEMV_MAX_M = 8): CUDA-core
   GEMV. Each packed int32 word (8 codes) becomes two int8x4 operands with two logic ops
   and feeds `dp4a` (4 multiply-adds per instruction) for every token; split-K partial
   sums are scaled and added with fp32 atomics, and the last program of each row block
