@@ -9,9 +9,13 @@ subtract, multiply, cast): on the H100 about 0.3 s per LLaMA-2-7B layer
 (results/bench_h100/session5_profile/). This kernel reads the transform's float32 output once
 and writes the model-dtype result once.
 
-Bit-exactness: the same float32 operations in the same order. The division is IEEE
-(`div_rn`, as PyTorch's), rounding is half-to-even (libdevice rint), and fp contraction is off
-at launch (a multiply followed by an add must not become one FMA, which rounds once).
+Bit-exactness: the same float32 operations in the same order. Tensor-by-tensor division is
+IEEE (`div_rn`, as PyTorch's); a division by a Python number (the range by 2^b − 1) is IEEE
+on the CPU, but on CUDA PyTorch multiplies by the float32 reciprocal instead (ATen's
+div_true_kernel_cuda), so the kernel does whichever its device's PyTorch does (RECIPROCAL; the
+first GPU run, which divided, differed in a few rows). Rounding is half-to-even (libdevice
+rint), and fp contraction is off at launch (a multiply followed by an add must not become one
+FMA, which rounds once).
 A program holds whole rows (K ≤ 16384; several short rows, e.g. attention heads) in registers
 between the min/max and the quantization.
 """
@@ -19,6 +23,7 @@ from __future__ import annotations
 
 import os
 
+import numpy as np
 import torch
 import triton
 import triton.language as tl
@@ -38,23 +43,32 @@ def _rint(v):
 
 
 @triton.jit
-def fake_quant_rows_kernel(y_ptr, out_ptr, M, K, stride_y, stride_o, clip, qmax, min_scale,
-                           ROWS: tl.constexpr, BLOCK_K: tl.constexpr, SYMMETRIC: tl.constexpr):
+def _over(v, d, inv_d, RECIPROCAL: tl.constexpr):
+    """v / d for a Python-number divisor d, as PyTorch on this device computes it."""
+    if RECIPROCAL:
+        return v * inv_d
+    return tl.math.div_rn(v, d)
+
+
+@triton.jit
+def fake_quant_rows_kernel(y_ptr, out_ptr, M, K, stride_y, stride_o, clip, qmax, divisor, inv_divisor, min_scale,
+                           ROWS: tl.constexpr, BLOCK_K: tl.constexpr, SYMMETRIC: tl.constexpr,
+                           RECIPROCAL: tl.constexpr):
     rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
     cols = tl.arange(0, BLOCK_K)
     ok = (rows < M)[:, None] & (cols < K)[None, :]
     # y.to(dtype) first: the simulated layer quantizes the transform's output in the model dtype
     v = tl.load(y_ptr + rows[:, None] * stride_y + cols[None, :], mask=ok, other=0.0)
     x = v.to(out_ptr.dtype.element_ty).to(tl.float32)
+    # divisor: 2^(b−1) − 1 (symmetric) or 2^b − 1 (asymmetric), a Python number in the quantizer
     if SYMMETRIC:
-        half = (qmax + 1.0) * 0.5
         amax = tl.max(tl.where(ok, tl.abs(x), 0.0), axis=1) * clip
-        scale = tl.maximum(tl.math.div_rn(amax, half - 1.0), min_scale)
-        zero = tl.zeros_like(scale) + half
+        scale = tl.maximum(_over(amax, divisor, inv_divisor, RECIPROCAL), min_scale)
+        zero = tl.zeros_like(scale) + (qmax + 1.0) * 0.5
     else:
         lo = tl.min(tl.where(ok, x, float("inf")), axis=1) * clip
         hi = tl.max(tl.where(ok, x, float("-inf")), axis=1) * clip
-        scale = tl.maximum(tl.math.div_rn(hi - lo, qmax), min_scale)
+        scale = tl.maximum(_over(hi - lo, divisor, inv_divisor, RECIPROCAL), min_scale)
         zero = -_rint(tl.math.div_rn(lo, scale))
     q = _rint(tl.math.div_rn(x, scale[:, None])) + zero[:, None]
     q = tl.minimum(tl.maximum(q, 0.0), qmax)
@@ -79,8 +93,11 @@ def fake_quantize_rows(y: torch.Tensor, out_dtype: torch.dtype, bits: int, symme
     if m:
         block = triton.next_power_of_2(k)
         rows = max(1, 2048 // block)  # short rows (attention heads): several per program
+        qmax = (1 << bits) - 1
+        divisor = (1 << (bits - 1)) - 1 if symmetric else qmax
+        inv_divisor = float(np.float32(1.0) / np.float32(divisor))  # float32 reciprocal, as ATen forms it
         fake_quant_rows_kernel[(triton.cdiv(m, rows),)](
-            y2, out, m, k, y2.stride(0), out.stride(0), float(clip), float((1 << bits) - 1), float(min_scale),
-            ROWS=rows, BLOCK_K=block, SYMMETRIC=symmetric, num_warps=4 if rows * block <= 4096 else 8,
-            enable_fp_fusion=False)
+            y2, out, m, k, y2.stride(0), out.stride(0), float(clip), float(qmax), float(divisor), inv_divisor,
+            float(min_scale), ROWS=rows, BLOCK_K=block, SYMMETRIC=symmetric, RECIPROCAL=y.is_cuda,
+            num_warps=4 if rows * block <= 4096 else 8, enable_fp_fusion=False)
     return out.reshape(y.shape)

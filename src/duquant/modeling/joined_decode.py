@@ -42,6 +42,9 @@ class JoinedDecode:
         raise ValueError("not a member of this joined GEMV")
 
     def applies(self, x: torch.Tensor) -> bool:
+        # the cheap test first: prefill calls (large M) must not pay for building the weights' views
+        if x.numel() > ops.DECODE_GEMV_MAX_M * x.shape[-1] or not ops.use_triton(x):
+            return False
         return ops.joined_gemv_supported(x, [m.packed_weight() for m in self.members])
 
     def _stacked_vectors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
