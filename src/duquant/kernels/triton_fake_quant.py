@@ -6,7 +6,7 @@ Why: calibration runs every quantized layer in simulated form over the whole cal
 (128 × 2048 tokens), and there the PyTorch quantizer is a chain of ~10 elementwise passes over
 a float32 copy of the activation (cast, cast back, min/max, divide, round, add, clamp,
 subtract, multiply, cast): on the H100 about 0.3 s per LLaMA-2-7B layer
-(results/bench_h100/session5_profile/). This kernel reads the transform's float32 output once
+(results/bench_h100/session5/profile/). This kernel reads the transform's float32 output once
 and writes the model-dtype result once.
 
 Bit-exactness: the same float32 operations in the same order. Tensor-by-tensor division is
