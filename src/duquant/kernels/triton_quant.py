@@ -1,6 +1,9 @@
 """Triton device helpers shared by the transform kernels: per-token quantization (asymmetric
-or symmetric) with exactly the shared quantizer's arithmetic (float32, IEEE division, round
-half to even).
+or symmetric) with the shared quantizer's arithmetic as PyTorch runs it on the CPU (float32,
+IEEE division, round half to even). PyTorch on CUDA divides the range by 2^b − 1 through a
+float32 reciprocal instead, so a scale here can differ from the CUDA quantizer's in the last
+bit; the parity tests allow for that (one code). `triton_fake_quant`, which must be bit-exact,
+follows its device.
 """
 from __future__ import annotations
 
