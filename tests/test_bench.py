@@ -76,6 +76,19 @@ def test_kernel_times_use_device_entries_under_either_attribute_name():
     assert "| 8-bit GEMM | 30 (71%) |" in table and "**42**" in table
 
 
+def test_kernel_stats_count_launches():
+    cuda = "DeviceType.CUDA"
+    averages = [SimpleNamespace(key="w4a8_gemv_kernel", device_type=cuda, device_time_total=20.0, count=4),
+                SimpleNamespace(key="w4a8_gemv_kernel", device_type=cuda, device_time_total=4.0, count=1),
+                SimpleNamespace(key="row_transform_quant_kernel", device_type=cuda, device_time_total=9.0, count=3)]
+    assert bd.kernel_stats(averages) == {"w4a8_gemv_kernel": (24.0, 5), "row_transform_quant_kernel": (9.0, 3)}
+    launches = {bd.DECODE: 5.0, bd.TRANSFORM: 3.0}
+    cats = bd.by_category(bd.kernel_times_us(averages))
+    table = bd.breakdown_markdown({"w4a4": {"us": cats, "total_us": 33.0,
+                                            "launches": {c: launches.get(c, 0.0) for c in bd.CATEGORIES}}})
+    assert "| kernel launches | 8 |" in table and "| decode GEMM | 24 (73%) |" in table
+
+
 # --- layer / e2e helpers on CPU ---------------------------------------------------------
 
 def test_w4a4_variant_replaces_every_decoder_linear():
@@ -203,7 +216,9 @@ def test_layer_bench_on_cuda_uses_a_graph_and_profiles(tmp_path):
         assert all(d["mode"] == "cuda-graph" for d in r["decode"].values()), r["decode"]
         assert r["prefill_graph"]["1"]["ms"] > 0, r.get("prefill_graph")
         assert r["breakdown_prefill_b1"]["total_us"] > 0
+        assert r["breakdown_decode_b1"]["total_us"] > 0 and sum(r["breakdown_decode_b1"]["launches"].values()) > 0
     assert payload["results"]["w4a4"]["breakdown_prefill_b1"]["us"][bd.TRANSFORM] > 0
+    assert payload["results"]["w4a4"]["breakdown_decode_b1"]["us"][bd.TRANSFORM] > 0
 
 
 @cuda_only

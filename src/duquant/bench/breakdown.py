@@ -70,10 +70,16 @@ def _is_device_event(event) -> bool:
 
 def kernel_times_us(averages: Iterable) -> dict[str, float]:
     """{kernel name: total µs} from `prof.key_averages()` (device entries only)."""
-    out: dict[str, float] = {}
+    return {name: us for name, (us, _) in kernel_stats(averages).items()}
+
+
+def kernel_stats(averages: Iterable) -> dict[str, tuple[float, int]]:
+    """{kernel name: (total µs, launches)} from `prof.key_averages()` (device entries only)."""
+    out: dict[str, tuple[float, int]] = {}
     for event in averages:
         if _is_device_event(event):
-            out[event.key] = out.get(event.key, 0.0) + _device_us(event)
+            us, n = out.get(event.key, (0.0, 0))
+            out[event.key] = (us + _device_us(event), n + int(getattr(event, "count", 1)))
     return out
 
 
@@ -84,10 +90,11 @@ def by_category(kernel_us: dict[str, float]) -> dict[str, float]:
     return totals
 
 
-def profile_breakdown(fn: Callable[[], object], device: torch.device, top: int = 12) -> dict[str, object]:
+def profile_breakdown(fn: Callable[[], object], device: torch.device, top: int = 12, per: int = 1) -> dict[str, object]:
     """Run `fn` once under torch.profiler (CUDA activity; call it warm) and return GPU µs by
-    category, the total, and the `top` longest kernels with their category (to check the
-    categorizer against real names)."""
+    category, the total, the kernel launches by category, and the `top` longest kernels with
+    their category (to check the categorizer against real names). per: `fn` runs that many
+    steps; every figure is divided by it (per step)."""
     from torch.profiler import ProfilerActivity, profile
 
     if device.type != "cuda":
@@ -96,9 +103,13 @@ def profile_breakdown(fn: Callable[[], object], device: torch.device, top: int =
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         fn()
         torch.cuda.synchronize(device)
-    kernels = kernel_times_us(prof.key_averages())
+    stats = {name: (us / per, n / per) for name, (us, n) in kernel_stats(prof.key_averages()).items()}
+    kernels = {name: us for name, (us, _) in stats.items()}
+    launches = dict.fromkeys(CATEGORIES, 0.0)
+    for name, (_, n) in stats.items():
+        launches[kernel_category(name)] += n
     longest = sorted(kernels.items(), key=lambda kv: -kv[1])[:top]
-    return {"us": by_category(kernels), "total_us": sum(kernels.values()),
+    return {"us": by_category(kernels), "total_us": sum(kernels.values()), "launches": launches,
             "top_kernels": [{"name": k[:160], "us": v, "category": kernel_category(k)} for k, v in longest]}
 
 
@@ -116,4 +127,7 @@ def breakdown_markdown(per_variant: dict[str, dict]) -> str:
         lines.append(f"| {cat} | " + " | ".join(cells) + " |")
     lines.append("| **total GPU kernel time** | " + " | ".join(f"**{per_variant[v]['total_us']:.0f}**" for v in names)
                  + " |")
+    if all("launches" in per_variant[v] for v in names):
+        lines.append("| kernel launches | " + " | ".join(f"{sum(per_variant[v]['launches'].values()):.0f}"
+                                                        for v in names) + " |")
     return "\n".join(lines) + "\n"

@@ -14,8 +14,8 @@ Prefill: batch × seq tokens, median of CUDA-event-timed forwards after warm-up.
 Decode: one new token per sequence against a static KV cache holding seq tokens, captured
 in a CUDA graph and timed over many replays (eager timing, labelled, if capture fails or
 on the CPU). Peak memory: `torch.cuda.max_memory_allocated` during each measurement.
-Kernel breakdown (layer level, CUDA): one profiled prefill at batch 1 per variant, GPU
-time by stage (`duquant.bench.breakdown`).
+Kernel breakdown (layer level, CUDA): one profiled prefill at batch 1 and ten eager decode steps
+at batch 1 per variant, GPU time and kernel launches by stage (`duquant.bench.breakdown`).
 level "layer": a 1-layer model (embedding and LM head not run: inputs_embeds in, the final
 norm's output out); level "e2e": the whole model with its embedding and LM head.
 
@@ -323,6 +323,19 @@ def profile_prefill(model: nn.Module, seq: int, e2e: bool, device: torch.device)
         return profile_breakdown(fn, device)
 
 
+def profile_decode(model: nn.Module, seq: int, e2e: bool, device: torch.device, steps: int = 10) -> dict[str, object]:
+    """GPU kernel time by stage and kernel launches of one batch-1 decode step (mean of `steps`
+    eager steps after warm-up: the kernels' own times, without the gaps a CUDA graph still has)."""
+    prefix, new = decode_inputs(model, 1, seq, e2e, device)
+    cache = fill_static_cache(model, prefix)
+    del prefix
+    step = decode_step_fn(model, cache, new, seq, e2e)
+    with torch.no_grad():
+        for _ in range(3):
+            step()
+        return profile_breakdown(lambda: [step() for _ in range(steps)], device, per=steps)
+
+
 # --- the benchmark ---------------------------------------------------------------------
 
 def _attempt(what: str, errors: list[str], fn: Callable[[], dict], device: torch.device) -> dict | None:
@@ -362,6 +375,9 @@ def bench_variant(config, variant: str, level: str, batches: list[int], decode_b
     if profile and device.type == "cuda":
         r["breakdown_prefill_b1"] = _attempt(f"{variant} profile", errors,
                                              lambda: profile_prefill(model, seq, e2e, device), device)
+    if profile and device.type == "cuda" and decode_batches:
+        r["breakdown_decode_b1"] = _attempt(f"{variant} decode profile", errors,
+                                            lambda: profile_decode(model, seq, e2e, device), device)
     for b in decode_batches:
         m = _attempt(f"{variant} decode b={b}", errors,
                      lambda b=b: measure_decode(model, b, seq, e2e, device, steps=decode_steps), device)
@@ -468,6 +484,11 @@ def markdown(meta: dict, res: dict[str, dict], errors: list[str] | None = None) 
     profiles = {v: r["breakdown_prefill_b1"] for v, r in res.items() if r.get("breakdown_prefill_b1")}
     if profiles:
         lines += ["", "GPU kernel time by stage, prefill batch 1 (one forward under torch.profiler, µs):", "",
+                  breakdown_markdown(profiles).rstrip()]
+    profiles = {v: r["breakdown_decode_b1"] for v, r in res.items() if r.get("breakdown_decode_b1")}
+    if profiles:
+        lines += ["", "GPU kernel time by stage, one decode step at batch 1 (mean of 10 eager steps under "
+                  "torch.profiler, µs; the CUDA-graph step time above also holds the gaps between launches):", "",
                   breakdown_markdown(profiles).rstrip()]
     if errors:
         lines += ["", "Failed measurements:", ""] + [f"- {e}" for e in errors]
