@@ -3,8 +3,9 @@ keyed on the tensors' identity.
 
 A key of data_ptr and version alone is not an identity: once a tensor is freed, the caching
 allocator hands its memory to the next tensor of that size, which starts at version 0 too,
-so a new rotation could be served the old rotation's prepared copy. (That happened in the GPU
-parity tests, which draw fresh random factors for every case: an intermittent wrong scale.)
+so a new rotation could be served the old rotation's prepared copy (the GPU parity tests draw
+fresh random factors for every case; this is the suspected cause of one intermittent wrong
+scale there, which scripts/fused_norm_repro.py could not reproduce).
 Each entry therefore also holds weak references to its source tensors, and a hit must be the
 very same tensor objects, unchanged in place since (same version).
 """

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from ..kernels import ops
-from .input_memo import InputMemo
+from .input_memo import InputMemo, siblings_with_twin
 
 # Most weights one GEMV launch takes (the kernel's limit).
 MAX_JOINED = 3
@@ -42,10 +42,9 @@ class JoinedDecode:
         raise ValueError("not a member of this joined GEMV")
 
     def applies(self, x: torch.Tensor) -> bool:
-        # the cheap test first: prefill calls (large M) must not pay for building the weights' views
-        if x.numel() > ops.DECODE_GEMV_MAX_M * x.shape[-1] or not ops.use_triton(x):
-            return False
-        return ops.joined_gemv_supported(x, [m.packed_weight() for m in self.members])
+        """A decode call on the kernels (few tokens). Whether the weights' layout suits the one
+        launch is `ops.w4a4_linear_joined`'s to decide: otherwise it runs them one by one."""
+        return x.numel() <= ops.DECODE_GEMV_MAX_M * x.shape[-1] and ops.use_triton(x)
 
     def _stacked_vectors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """Concatenated scale, zero point and bias (None when no member has one), rebuilt when a
@@ -79,19 +78,19 @@ def join_sibling_decodes(model: nn.Module) -> int:
     `JoinedDecode` (unregistered, like the fused norm). Returns how many linears were joined."""
     from .real_linear import RealQuantLinear
 
+    # siblings with one transform, in order, under the first of them
+    runs: dict[int, list[RealQuantLinear]] = {}
+    for child, twin in siblings_with_twin(model, RealQuantLinear, lambda a, b: a.transform_id == b.transform_id):
+        if not child.group_size:
+            runs.setdefault(id(twin if twin is not None else child), []).append(child)
     joined = 0
-    for parent in model.modules():
-        by_transform: dict[int, list[RealQuantLinear]] = {}
-        for child in parent.children():
-            if isinstance(child, RealQuantLinear) and not child.group_size:
-                by_transform.setdefault(child.transform_id, []).append(child)
-        for members in by_transform.values():
-            for i in range(0, len(members), MAX_JOINED):
-                chunk = members[i:i + MAX_JOINED]
-                if len(chunk) < 2 or len({m.in_features for m in chunk}) != 1:
-                    continue
-                group = JoinedDecode(chunk)
-                for member in chunk:
-                    member.__dict__["joined_decode"] = group
-                joined += len(chunk)
+    for members in runs.values():
+        for i in range(0, len(members), MAX_JOINED):
+            chunk = members[i:i + MAX_JOINED]
+            if len(chunk) < 2 or len({m.in_features for m in chunk}) != 1:
+                continue
+            group = JoinedDecode(chunk)
+            for member in chunk:
+                member.__dict__["joined_decode"] = group
+            joined += len(chunk)
     return joined
