@@ -7,6 +7,11 @@ weights cycled through more copies than L2 holds):
 2. The decode transform + quantize at M = 1, 4, 16, K = 4096 (with the fused RMSNorm, as
    in front of q/k/v) and K = 11008 (with the fused SwiGLU, as in front of down_proj):
    tiles kernel in one and in three launches, rows kernel with 4 and 8 warps.
+3. (--chains) Each decode linear group of a layer as the model runs it, transform then GEMV
+   (`ops.transform_quantize`, `w4a8_gemv_joined`), with the GEMV launched plainly and with
+   programmatic dependent launch (`kernels/dependent_launch.py`), and with one weight that
+   stays in L2 (the bound a perfect prefetch could reach), against the group's BF16 GEMMs
+   alone (the W4A4 chain also does the RMSNorm or SwiGLU it absorbs; BF16 gets those free).
 
     PYTHONPATH=src python scripts/decode_kernels.py --out-json decode_kernels.json --out-md decode_kernels.md
 """
@@ -18,6 +23,8 @@ import torch
 
 from duquant.bench.kernels import _copies, _graph_bench, _orthogonal
 from duquant.bench.output import write_results
+from duquant.kernels import ops
+from duquant.kernels import reference as ref
 from duquant.kernels.norm import InputNorm
 from duquant.kernels.triton_decode import w4a8_gemv, w4a8_gemv_joined
 from duquant.kernels.triton_row_transform import duquant_quantize_rows
@@ -27,17 +34,25 @@ from duquant.kernels.weight import quantize_weight
 GROUPS = {"q/k/v": ([4096, 4096, 4096], 4096), "gate/up": ([11008, 11008], 4096)}
 
 
+def _weights(ns: list[int], k: int):
+    """BF16 weights [n, k] for each n of a group, and their 4-bit packed forms, in as many copies as
+    it takes to cycle past L2 (a copy shares the scales and zero points, concatenated once)."""
+    total_n = sum(ns)
+    bf16 = [[(0.02 * torch.randn(n, k, device="cuda")).to(torch.bfloat16) for n in ns]
+            for _ in range(_copies(total_n * k * 2))]
+    base = [quantize_weight(w.float()) for w in bf16[0]]
+    w4 = [base] + [[type(p)(p.packed.clone(), p.scale, p.zero, k) for p in base]
+                   for _ in range(_copies(total_n * k // 2) - 1)]
+    return bf16, w4, torch.cat([p.scale for p in base]), torch.cat([p.zero for p in base])
+
+
 def _gemv_rows(ms: list[int]) -> tuple[list[dict], list[str]]:
     rows, lines = [], ["| group | M | BF16 µs (one GEMM each) | W4 one GEMV each µs | W4 joined GEMV µs | joined vs BF16 | "
                        "joined vs separate |", "|---|---|---|---|---|---|---|"]
     for name, (ns, k) in GROUPS.items():
         total_n = sum(ns)
-        bf16_copies = _copies(total_n * k * 2)
-        w4_copies = _copies(total_n * k // 2)
-        bf16 = [[(0.02 * torch.randn(n, k, device="cuda")).to(torch.bfloat16) for n in ns] for _ in range(bf16_copies)]
-        base = [quantize_weight(w.float()) for w in bf16[0]]
-        w4 = [base] + [[type(p)(p.packed.clone(), p.scale, p.zero, k) for p in base] for _ in range(w4_copies - 1)]
-        scale, zero = torch.cat([p.scale for p in base]), torch.cat([p.zero for p in base])
+        bf16, w4, scale, zero = _weights(ns, k)
+        base = w4[0]
         for m in ms:
             x = torch.randn(m, k, device="cuda").to(torch.bfloat16)
             a = torch.randint(-15, 16, (m, k), device="cuda", dtype=torch.int8)
@@ -59,16 +74,26 @@ def _gemv_rows(ms: list[int]) -> tuple[list[dict], list[str]]:
     return rows, lines
 
 
+def _factors(k: int, op: str | None):
+    """Random bf16 block rotations (128), a permutation and, in front of q/k/v or gate/up, an RMSNorm."""
+    r1, r2 = _orthogonal(128, "cuda").to(torch.bfloat16), _orthogonal(128, "cuda").to(torch.bfloat16)
+    norm = InputNorm(torch.rand(k, device="cuda").to(torch.bfloat16) + 0.5, 1e-5) if op == "RMSNorm" else None
+    return r1, r2, torch.randperm(k, device="cuda"), norm
+
+
+def _activations(m: int, k: int, op: str | None):
+    """x [m, k] and, in front of down_proj (SwiGLU), the up projection."""
+    x = torch.randn(m, k, device="cuda").to(torch.bfloat16)
+    return x, torch.randn(m, k, device="cuda").to(torch.bfloat16) if op == "SwiGLU" else None
+
+
 def _transform_rows(ms: list[int]) -> tuple[list[dict], list[str]]:
     rows, lines = [], ["| K | fused op | M | tiles one launch µs | tiles three launches µs | rows 4 warps µs | "
                        "rows 8 warps µs |", "|---|---|---|---|---|---|---|"]
     for k, op in ((4096, "RMSNorm"), (11008, "SwiGLU")):
-        r1, r2 = _orthogonal(128, "cuda").to(torch.bfloat16), _orthogonal(128, "cuda").to(torch.bfloat16)
-        perm = torch.randperm(k, device="cuda")
-        norm = InputNorm(torch.rand(k, device="cuda").to(torch.bfloat16) + 0.5, 1e-5) if op == "RMSNorm" else None
+        r1, r2, perm, norm = _factors(k, op)
         for m in ms:
-            x = torch.randn(m, k, device="cuda").to(torch.bfloat16)
-            up = torch.randn(m, k, device="cuda").to(torch.bfloat16) if op == "SwiGLU" else None
+            x, up = _activations(m, k, op)
             kw = dict(out_dtype=torch.int8, norm=norm, up=up)
             a_t, s_t = duquant_quantize(x, r1, perm, r2, None, fused=False, **kw)
             a_r, s_r = duquant_quantize_rows(x, r1, perm, r2, None, **kw)
@@ -87,19 +112,64 @@ def _transform_rows(ms: list[int]) -> tuple[list[dict], list[str]]:
     return rows, lines
 
 
+# (name, output rows of the joined weights, K, op the transform absorbs)
+CHAINS = [("q/k/v", [4096, 4096, 4096], 4096, "RMSNorm"), ("o", [4096], 4096, None),
+          ("gate/up", [11008, 11008], 4096, "RMSNorm"), ("down", [4096], 11008, "SwiGLU")]
+
+
+def _chain_rows(ms: list[int]) -> tuple[list[dict], list[str]]:
+    rows, lines = [], ["| group | M | BF16 GEMMs µs | transform + GEMV µs | + PDL µs | weight in L2 µs | PDL gain | "
+                       "W4A4 (PDL) vs BF16 |", "|---|---|---|---|---|---|---|---|"]
+    for name, ns, k, op in CHAINS:
+        bf16, weights, scale, zero = _weights(ns, k)
+        base = weights[0]
+        w4 = [[p.packed for p in ps] for ps in weights]
+        r1, r2, perm, norm = _factors(k, op)
+        for m in ms:
+            x, up = _activations(m, k, op)
+
+            def chain(packed, pdl, codes=False):
+                a, s = ops.transform_quantize(x, r1, perm, r2, None, out_dtype=torch.int8, norm=norm, up=up)
+                y = w4a8_gemv_joined(a, s, packed, scale, zero, pdl=pdl)
+                return (a, s, y) if codes else y
+
+            a, s, y = chain(w4[0], True, codes=True)  # a wrong chain must not look fast
+            y_ref = torch.cat([ref.w4a4_linear_ref(a, s, p) for p in base], dim=1).float()
+            err = float((y.float() - y_ref).norm() / y_ref.norm())
+            t_bf16 = _graph_bench([lambda ws=ws, w=w: x @ w.T for ws in bf16 for w in ws]) * len(ns)
+            t_plain = _graph_bench([lambda p=p: chain(p, False) for p in w4])
+            t_pdl = _graph_bench([lambda p=p: chain(p, True) for p in w4])
+            t_hot = _graph_bench([lambda w=w4[0]: chain(w, False)] * 8)  # one weight: L2-resident after the first call
+            rows.append({"group": name, "M": m, "K": k, "fused_op": op, "bf16_us": t_bf16, "chain_us": t_plain,
+                         "chain_pdl_us": t_pdl, "chain_hot_l2_us": t_hot, "pdl_rel_err_vs_reference": err})
+            lines.append(f"| {name} | {m} | {t_bf16:.1f} | {t_plain:.1f} | {t_pdl:.1f} | {t_hot:.1f} | "
+                         f"{t_plain / t_pdl:.2f}× | **{t_bf16 / t_pdl:.2f}×** |")
+            print(lines[-1], f"(PDL chain vs reference: rel. err {err:.1e})", flush=True)
+        del bf16, w4
+        torch.cuda.empty_cache()
+    return rows, lines
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--ms", type=int, nargs="*", default=[1, 4, 16])
     p.add_argument("--out-json", default=None)
     p.add_argument("--out-md", default=None)
+    p.add_argument("--chains", action="store_true", help="only the transform → GEMV chains (part 3)")
     args = p.parse_args()
     torch.manual_seed(0)
+    import triton
+    head = (f"GPU {torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}; "
+            "CUDA-graph time per call (per group for the GEMVs), weights cycled past L2\n\n")
+    if args.chains:
+        chains, chain_lines = _chain_rows(args.ms)
+        md = head + "\n".join(chain_lines) + "\n"
+        print(md)
+        write_results({"chains": chains}, md, args.out_json, args.out_md)
+        return
     gemv, gemv_lines = _gemv_rows(args.ms)
     transform, transform_lines = _transform_rows(args.ms)
-    import triton
-    md = (f"GPU {torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}; "
-          "CUDA-graph time per call (per group for the GEMVs)\n\n" + "\n".join(gemv_lines) + "\n\n"
-          + "\n".join(transform_lines) + "\n")
+    md = head + "\n".join(gemv_lines) + "\n\n" + "\n".join(transform_lines) + "\n"
     print(md)
     write_results({"gemv": gemv, "transform": transform}, md, args.out_json, args.out_md)
 

@@ -9,6 +9,11 @@
 #   decode     GPU tests of the joined q/k/v (gate/up) GEMV and the fused norm, the fused-norm failure hunt
 #              (scripts/fused_norm_repro.py, with the old data_ptr-keyed factor cache and with the fixed one),
 #              then scripts/decode_kernels.py (joined vs separate GEMVs vs BF16; decode transform variants)
+#   pdl        GPU tests of the decode chain with programmatic dependent launch (and the joined GEMV), then
+#              scripts/decode_kernels.py --chains (transform → GEMV per linear group, plain and PDL, against
+#              BF16), then the layer decode bench with and without PDL (bf16, w4a4_fused, w4a4_fused_pdl)
+#   calib-real GPU tests of calibration through the real kernels and of the PDL chain, the 7B quantization
+#              bench with --calib-forward real (CALIB_BATCH, default 8), then the layer decode bench with PDL
 #   layer      duquant bench --level layer (bf16, w4a4, w4a4_fp8w, w4a4_fp8w_fused; eager and CUDA-graph prefill)
 #              (layer, e2e: the default DUQUANT_TRANSFORM_KERNEL=auto sends one token of K ≤ 4096 to the rows kernel)
 #   e2e        duquant bench --level e2e (bf16, w4a4, w4a4_fused)
@@ -66,6 +71,28 @@ case "${1:-}" in
     timeout 200 python3 scripts/decode_kernels.py --out-json "$OUT/decode_kernels.json" --out-md "$OUT/decode_kernels.md" \
       > "$OUT/decode_kernels.log" 2>&1; cat "$OUT/decode_kernels.md"
     ;;
+  pdl)
+    t=tests/test_kernels_gpu.py
+    timeout 240 python3 -m pytest -q -p no:cacheprovider -rf --tb=short $t -k "pdl or joined or gemv_cuda_graph" \
+      > "$OUT/pytest_pdl.log" 2>&1; echo "pytest rc=$?"; grep -E "passed|failed|^FAILED|^E  " "$OUT/pytest_pdl.log" | head -20
+    timeout 150 python3 scripts/decode_kernels.py --chains --ms 1 4 --out-json "$OUT/decode_chains.json" \
+      --out-md "$OUT/decode_chains.md" > "$OUT/decode_chains.log" 2>&1; cat "$OUT/decode_chains.md"; tail -3 "$OUT/decode_chains.log"
+    timeout 200 "${bench[@]}" --level layer --variants bf16 w4a4_fused w4a4_fused_pdl --batches --decode-batches 1 4 8 16 \
+      --no-profile --out-json "$OUT/layer_pdl.json" --out-md "$OUT/layer_pdl.md" > "$OUT/layer_pdl.log" 2>&1
+    grep -E "^\| decode" "$OUT/layer_pdl.md"; tail -3 "$OUT/layer_pdl.log"
+    ;;
+  calib-real)
+    b=${CALIB_BATCH:-8}
+    timeout 200 python3 -m pytest -q -p no:cacheprovider -rf --tb=short tests/test_calibration_gpu.py \
+      tests/test_kernels_gpu.py -k "real_kernels or pdl" > "$OUT/pytest_calib_real.log" 2>&1; echo "pytest rc=$?"
+    grep -E "passed|failed|^FAILED|^E  " "$OUT/pytest_calib_real.log" | head -20
+    timeout 300 "${bench[@]}" --level quantize --calib-batch-size "$b" --calib-forward real \
+      --out-json "$OUT/quantize_real_b$b.json" --out-md "$OUT/quantize_real_b$b.md" > "$OUT/quantize_real_b$b.log" 2>&1
+    tail -22 "$OUT/quantize_real_b$b.md"; tail -3 "$OUT/quantize_real_b$b.log"
+    timeout 150 "${bench[@]}" --level layer --variants bf16 w4a4_fused w4a4_fused_pdl --batches --decode-batches 1 4 \
+      --no-profile --out-json "$OUT/layer_pdl.json" --out-md "$OUT/layer_pdl.md" > "$OUT/layer_pdl.log" 2>&1
+    grep -E "^\| decode" "$OUT/layer_pdl.md"; tail -2 "$OUT/layer_pdl.log"
+    ;;
   layer|e2e)
     # VARIANTS="bf16 w4a4_fused ..." and BENCH_ARGS="--batches 1 4 ..." narrow the run
     timeout 560 "${bench[@]}" --level "$1" ${VARIANTS:+--variants $VARIANTS} ${BENCH_ARGS:-} --out-json "$OUT/$1.json" \
@@ -83,6 +110,6 @@ case "${1:-}" in
     grep -E "^\| (prefill|decode)" "$OUT/layer_three.md"
     ;;
   *)
-    echo "usage: OUT=\$OUT bash scripts/gpu_issue4.sh {parity|parity-rest|kernel|quantize|decode|layer|e2e|rows|three}"; exit 2
+    echo "usage: OUT=\$OUT bash scripts/gpu_issue4.sh {parity|parity-rest|kernel|quantize|decode|pdl|calib-real|layer|e2e|rows|three}"; exit 2
     ;;
 esac

@@ -226,3 +226,10 @@ def test_profile_breakdown_finds_a_bf16_gemm():
     a = torch.randn(256, 256, device="cuda", dtype=torch.bfloat16)
     r = bd.profile_breakdown(lambda: a @ a, torch.device("cuda"))
     assert r["us"][bd.GEMM16] > 0, r["top_kernels"]
+
+
+def test_cli_variant_names_are_the_benchmark_variants() -> None:
+    """`duquant bench --variants` offers exactly the variants bench.layer can build."""
+    from duquant.bench import VARIANT_NAMES
+    from duquant.bench.layer import VARIANTS
+    assert VARIANT_NAMES == list(VARIANTS)

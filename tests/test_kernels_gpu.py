@@ -339,6 +339,58 @@ def test_decode_gemv_joined(m: int, rows: tuple[int, ...], k: int, graph: bool) 
     assert _gemv_workspace_is_clean(a.device)
 
 
+@pytest.mark.parametrize("k,fused_op,rows", [(4096, "norm", (4096, 4096, 4096)), (11008, "swiglu", (4096,)),
+                                               (576, "norm", (576, 192, 192))])
+@pytest.mark.parametrize("m", [1, 4])
+@pytest.mark.parametrize("graph", [False, True])
+def test_decode_transform_then_gemv_with_pdl(m: int, k: int, fused_op: str, rows: tuple[int, ...], graph: bool) -> None:
+    """The decode chain transform → GEMV with the GEMV launched early (PDL: its weight is
+    prefetched into L2 before it waits for the transform) computes from the codes this very
+    transform wrote, on each of several new inputs of growing scale: a GEMV that read codes
+    or scales before the transform had written them would match the previous input's.
+    Eager and as a CUDA graph (the launch attribute becomes a programmatic edge), with each
+    transform kernel (rows at M = 1, K ≤ 4096; tiles otherwise). Not bitwise against the
+    plain launch: split-K adds its partial sums with fp32 atomics in arrival order."""
+    from duquant.kernels import ops
+    from duquant.kernels import reference as ref
+    from duquant.kernels.dependent_launch import pdl_supported
+    from duquant.kernels.norm import InputNorm
+    from duquant.kernels.triton_decode import w4a8_gemv_joined
+    if not pdl_supported(torch.device("cuda")):
+        pytest.skip("programmatic dependent launch needs sm_90")
+    cases = [_weight_and_acts(m, n, k, None) for n in rows]
+    weights = [c[0] for c in cases]
+    scale, zero = torch.cat([w.scale for w in weights]), torch.cat([w.zero for w in weights])
+    r1, r2 = _orthogonal(64 if k % 128 else 128), _orthogonal(64 if k % 128 else 128)
+    perm = torch.randperm(k, device="cuda")
+    norm = InputNorm(torch.rand(k, device="cuda").to(torch.bfloat16) + 0.5, 1e-5) if fused_op == "norm" else None
+    x = torch.randn(m, k, device="cuda").to(torch.bfloat16)
+    up = torch.randn(m, k, device="cuda").to(torch.bfloat16) if fused_op == "swiglu" else None
+
+    def chain():
+        a, s = ops.transform_quantize(x, r1, perm, r2, None, out_dtype=torch.int8, norm=norm, up=up)
+        return a, s, w4a8_gemv_joined(a, s, [w.packed for w in weights], scale, zero, None, pdl=True)
+
+    run = chain
+    if graph:
+        chain()  # compiles what the capture needs (the first eager call takes the three-launch transform)
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            out = chain()
+        run = lambda: (g.replay(), out)[1]  # noqa: E731
+    for i in range(6):
+        x.copy_(torch.randn(m, k, device="cuda").to(torch.bfloat16) * (1 + 3 * i))
+        if up is not None:
+            up.copy_(torch.randn(m, k, device="cuda").to(torch.bfloat16))
+        a, s, y = run()
+        torch.cuda.synchronize()
+        start = 0
+        for w, n in zip(weights, rows):
+            _close(y[:, start:start + n], ref.w4a4_linear_ref(a, s, w))
+            start += n
+    assert _gemv_workspace_is_clean(x.device)
+
+
 @pytest.mark.parametrize("n", NS)
 @pytest.mark.parametrize("k", KS)
 @pytest.mark.parametrize("m", [80, 2048])

@@ -206,3 +206,18 @@ def test_tensor_keyed_cache_needs_the_very_same_tensor():
     assert cache.get((t, None), "x", value(4)) == 4
     assert cache.get((t, None), "y", value(5)) == 5  # another `extra`
     assert made == [1, 3, 4, 5]
+
+
+def test_dependent_launch_switch_and_support():
+    """PDL is off by default, `decode_pdl` switches it for a block and restores it (also on
+    error), and it is never offered off a GPU."""
+    from duquant.kernels import dependent_launch as dl
+
+    assert not dl.pdl_supported(torch.device("cpu"))
+    before = dl.DECODE_PDL
+    with dl.decode_pdl(not before):
+        assert dl.DECODE_PDL is (not before)
+    assert dl.DECODE_PDL is before
+    with pytest.raises(RuntimeError), dl.decode_pdl(not before):
+        raise RuntimeError
+    assert dl.DECODE_PDL is before

@@ -42,3 +42,9 @@ def test_unknown_preset_refused():
         parse_args(["quantize", "m", "--preset", "awq"])
     with pytest.raises(ValueError, match="preset"):
         QuantConfig.from_preset("awq")
+
+
+def test_calib_forward_option_reaches_the_config():
+    assert cli_config().calib_forward == "simulated"
+    assert cli_config("--calib-forward", "real").calib_forward == "real"
+    assert QuantConfig.from_dict(cli_config("--calib-forward", "real").to_dict()).calib_forward == "real"

@@ -176,3 +176,27 @@ def test_siblings_join_one_decode_gemv(tokens, monkeypatch):
     out = _logits(model, tokens[:2])
     assert runs == [3, 2] * model.config.num_hidden_layers
     assert torch.equal(out, _logits(plain, tokens[:2]))
+
+
+def test_calibration_through_the_real_kernels(tokens, monkeypatch):
+    """calib_forward="real": the quantized prefix runs each just-quantized layer on the W4A4
+    path (here the kernels' CPU references), which the run really takes (counted), and the
+    model comes back all simulated (the checkpoint layout), its state-dict layout unchanged,
+    its logits close to a simulated-calibration model's (on the GPU the prefix differs by the
+    kernels' rounding; the CPU references may even reproduce the simulated prefix exactly)."""
+    from duquant.modeling import real_linear
+
+    calls = []
+    original = real_linear.RealQuantLinear._linear
+    monkeypatch.setattr(real_linear.RealQuantLinear, "_linear",
+                        lambda self, *a: calls.append(1) or original(self, *a))
+    real_calib = _quantized(tokens, calib_forward="real")
+    assert calls  # the prefix ran on RealQuantLinear
+    assert not any(isinstance(m, RealQuantLinear) for m in real_calib.modules())
+    simulated = _quantized(tokens)
+    assert real_calib.state_dict().keys() == simulated.state_dict().keys()
+    ref, out = _logits(simulated, tokens), _logits(real_calib, tokens)
+    rel = float((out - ref).norm() / ref.norm())
+    assert rel < 5e-2, rel
+    with pytest.raises(ValueError, match="calib_forward"):
+        QuantConfig(calib_forward="kernels")

@@ -112,6 +112,10 @@ def build_parser(quantize_defaults: dict | None = None) -> argparse.ArgumentPars
                    help="calibration sequences per layer forward (default 8, as the results tables were run: "
                         "fewer, larger forwards, which a small model needs to keep a GPU busy; the statistics "
                         "differ from batch 1 only by float rounding; lower it if the activations do not fit)")
+    q.add_argument("--calib-forward", choices=["simulated", "real"], default="simulated",
+                   help="how calibration runs each just-quantized layer to feed the next: simulated (fake "
+                        "quantization, the reference protocol) or real (the W4A4 kernels the deployed model runs; "
+                        "much faster on CUDA, results differ by kernel rounding)")
     q.add_argument("--out", default=None, help="directory to save the quantized model")
     q.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     q.add_argument("--eval-fp", action="store_true", help="also evaluate the full-precision model first")

@@ -33,7 +33,7 @@ def config_from_args(args: argparse.Namespace) -> QuantConfig:
         gptq_act_order=args.gptq_act_order, rotation=args.rotation, smooth=args.smooth, smooth_alpha=args.alpha,
         smooth_weight_stat=args.smooth_weight_stat, rotations=args.rotations, permute=args.permute,
         block_size=args.block_size, rotation_steps=args.rotation_steps, exchange=args.exchange,
-        prefix_criterion=args.prefix_criterion, seed=args.seed,
+        prefix_criterion=args.prefix_criterion, calib_forward=args.calib_forward, seed=args.seed,
     )
 
 

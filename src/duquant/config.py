@@ -73,6 +73,12 @@ class QuantConfig:
     prefix_criterion: str = "absmax"  # "absmax" (paper) or "range" (reference: max − min)
     # --- QuaRot ---
     rotation: str = "hadamard"  # residual rotation: "hadamard" (random ±1 · Hadamard) or "random" (Haar orthogonal)
+    # --- calibration procedure ---
+    # How the quantized prefix (the stream that feeds the next layer's rotation statistics and
+    # GPTQ) runs a just-quantized layer: "simulated" (fake quantization, float32 transforms, the
+    # reference protocol) or "real" (the W4A4 kernels the deployed model runs; much faster on
+    # CUDA, on the CPU their PyTorch references). Not used by QuaRot.
+    calib_forward: str = "simulated"
     # --- reproducibility ---
     seed: int = 0
     version: int = CONFIG_VERSION
@@ -100,6 +106,8 @@ class QuantConfig:
             raise ValueError(f"smooth_weight_stat must be 'group' or 'first', got {self.smooth_weight_stat!r}")
         if self.rotation not in ("hadamard", "random"):
             raise ValueError(f"rotation must be 'hadamard' or 'random', got {self.rotation!r}")
+        if self.calib_forward not in ("simulated", "real"):
+            raise ValueError(f"calib_forward must be 'simulated' or 'real', got {self.calib_forward!r}")
         if self.rotation_steps < 0:
             raise ValueError("rotation_steps must be >= 0")
         # Validate the clip ratios once, here, through the spec constructor.

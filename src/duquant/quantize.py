@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import torch
@@ -15,6 +16,7 @@ from .methods.gptq_layer import quantize_layer, uses_gptq
 from .methods.statistics import collect
 from .modeling.adapters import adapter_for, attention_shape
 from .modeling.attention import use_quantized_attention
+from .modeling.real_linear import real_layers
 from .sequential import capture_layer0_inputs, check_finite, run_layer
 
 log = logging.getLogger(__name__)
@@ -102,7 +104,8 @@ def quantize(model: nn.Module, config: QuantConfig, calibration: torch.Tensor | 
             fp_inputs = fp_next
             check_finite(fp_inputs, index, "full-precision output")
         if want_prefix:  # the quantized prefix feeds the next layer's rotation statistics and GPTQ
-            q_inputs = run_layer(layer, q_inputs, device)
+            with real_layers(layer) if config.calib_forward == "real" else nullcontext():
+                q_inputs = run_layer(layer, q_inputs, device)
             check_finite(q_inputs, index)
         layer.to(home)
     report.stage_seconds["fit"] = fit_time

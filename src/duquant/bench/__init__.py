@@ -18,15 +18,20 @@ from __future__ import annotations
 import argparse
 
 
+# bench.layer.VARIANTS' names (spelled out: --help should not import torch; a test keeps them equal)
+VARIANT_NAMES = ["bf16", "w4a4", "w4a4_fp8w", "w4a4_fused", "w4a4_fp8w_fused", "w4a4_fused_unjoined",
+                 "w4a4_fused_pdl"]
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="duquant bench", description=__doc__.split("\n\n")[0])
     p.add_argument("--level", choices=["kernel", "layer", "e2e", "quantize"], default="kernel")
     p.add_argument("--ms", type=int, nargs="*", default=None, help="kernel level: token counts M")
-    p.add_argument("--batches", type=int, nargs="*", default=None, help="layer/e2e: prefill batch sizes")
+    p.add_argument("--batches", type=int, nargs="*", default=None,
+                   help="layer/e2e: prefill batch sizes (the flag without values: no prefill)")
     p.add_argument("--decode-batches", type=int, nargs="*", default=None,
                    help="layer/e2e: decode batch sizes (0: no decode)")
-    p.add_argument("--variants", nargs="*", default=None, choices=["bf16", "w4a4", "w4a4_fp8w", "w4a4_fused", "w4a4_fp8w_fused",
-                                                         "w4a4_fused_unjoined"],
+    p.add_argument("--variants", nargs="*", default=None, choices=VARIANT_NAMES,
                    help="layer/e2e: variants (default layer: bf16 w4a4 w4a4_fp8w w4a4_fp8w_fused, "
                         "e2e: bf16 w4a4 w4a4_fused)")
     p.add_argument("--layers", type=int, default=None,
@@ -34,7 +39,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--nsamples", type=int, default=128, help="quantize: calibration sequences of 2048 tokens")
     p.add_argument("--calib-batch-size", type=int, default=1,
                    help="quantize: calibration sequences per layer forward")
-    p.add_argument("--no-profile", action="store_true", help="layer: skip the kernel-time breakdown")
+    p.add_argument("--calib-forward", choices=["simulated", "real"], default="simulated",
+                   help="quantize: run each just-quantized layer simulated or on the W4A4 kernels "
+                        "(QuantConfig.calib_forward)")
+    p.add_argument("--no-profile", action="store_true", help="layer/e2e: skip the kernel-time breakdown")
     p.add_argument("--no-graph-prefill", action="store_true",
                    help="layer/e2e: skip the CUDA-graph prefill timings (eager prefill only)")
     p.add_argument("--out-json", default=None)
@@ -55,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     elif args.level == "quantize":
         from duquant.bench.quantization import run_quantize_bench
         run_quantize_bench(args.layers or 32, args.nsamples, out_json=args.out_json, out_md=args.out_md,
-                           batch_size=args.calib_batch_size)
+                           batch_size=args.calib_batch_size, calib_forward=args.calib_forward)
     else:
         from duquant.bench.layer import run_layer_bench
         run_layer_bench(args.level, args.batches, args.decode_batches, args.layers, args.out_json, args.out_md,

@@ -92,8 +92,9 @@ def by_category(kernel_us: dict[str, float]) -> dict[str, float]:
 
 def profile_breakdown(fn: Callable[[], object], device: torch.device, top: int = 12, per: int = 1) -> dict[str, object]:
     """Run `fn` once under torch.profiler (CUDA activity; call it warm) and return GPU µs by
-    category, the total, the kernel launches by category, and the `top` longest kernels with
-    their category (to check the categorizer against real names). per: `fn` runs that many
+    category, the total, the kernel launches by category, the `top` longest kernels with
+    their category (to check the categorizer against real names), and every kernel with its
+    launches (`kernels`, to find what a stage is made of). per: `fn` runs that many
     steps; every figure is divided by it (per step)."""
     from torch.profiler import ProfilerActivity, profile
 
@@ -109,8 +110,11 @@ def profile_breakdown(fn: Callable[[], object], device: torch.device, top: int =
     for name, (_, n) in stats.items():
         launches[kernel_category(name)] += n
     longest = sorted(kernels.items(), key=lambda kv: -kv[1])[:top]
+    every = sorted(stats.items(), key=lambda kv: -kv[1][0])
     return {"us": by_category(kernels), "total_us": sum(kernels.values()), "launches": launches,
-            "top_kernels": [{"name": k[:160], "us": v, "category": kernel_category(k)} for k, v in longest]}
+            "top_kernels": [{"name": k[:160], "us": v, "category": kernel_category(k)} for k, v in longest],
+            "kernels": [{"name": k[:160], "us": us, "launches": n, "category": kernel_category(k)}
+                        for k, (us, n) in every]}
 
 
 def breakdown_markdown(per_variant: dict[str, dict]) -> str:

@@ -41,7 +41,8 @@ PREFILL_CHUNK = 512  # the decode cache is filled in chunks, to bound activation
 VARIANTS = {"bf16": None, "w4a4": {"prefill_weight": None}, "w4a4_fp8w": {"prefill_weight": "fp8"},
             "w4a4_fused": {"prefill_weight": None, "fuse": True, "join": True},
             "w4a4_fp8w_fused": {"prefill_weight": "fp8", "fuse": True, "join": True},
-            "w4a4_fused_unjoined": {"prefill_weight": None, "fuse": True}}
+            "w4a4_fused_unjoined": {"prefill_weight": None, "fuse": True},
+            "w4a4_fused_pdl": {"prefill_weight": None, "fuse": True, "join": True, "pdl": True}}
 DEFAULT_VARIANTS = {"layer": ["bf16", "w4a4", "w4a4_fp8w", "w4a4_fp8w_fused"], "e2e": ["bf16", "w4a4", "w4a4_fused"]}
 
 
@@ -165,7 +166,7 @@ def build_variant(config, variant: str, device: torch.device, seed: int = 0) -> 
     """BF16 random model; for the W4A4 variants its decoder linears are then replaced."""
     model = random_llama(config, device, torch.bfloat16, seed)
     if VARIANTS[variant] is not None:
-        make_w4a4(model, seed, **VARIANTS[variant])
+        make_w4a4(model, seed, **{k: v for k, v in VARIANTS[variant].items() if k != "pdl"})
     reset_peak_memory(device)  # return the freed BF16 weights to the device before measuring
     return model
 
@@ -354,6 +355,19 @@ def _attempt(what: str, errors: list[str], fn: Callable[[], dict], device: torch
 def bench_variant(config, variant: str, level: str, batches: list[int], decode_batches: list[int],
                   device: torch.device, seq: int, reps: int, decode_steps: int, profile: bool,
                   errors: list[str], graph_prefill: bool = True) -> dict[str, object]:
+    """Build `variant` and measure it; a variant with "pdl": True launches its decode GEMVs
+    with programmatic dependent launch (`kernels/dependent_launch.py`, off by default)."""
+    from duquant.kernels import dependent_launch
+
+    pdl = (VARIANTS[variant] or {}).get("pdl", dependent_launch.DECODE_PDL)
+    with dependent_launch.decode_pdl(pdl):
+        return _measure_variant(config, variant, level, batches, decode_batches, device, seq, reps, decode_steps,
+                                profile, errors, graph_prefill)
+
+
+def _measure_variant(config, variant: str, level: str, batches: list[int], decode_batches: list[int],
+                     device: torch.device, seq: int, reps: int, decode_steps: int, profile: bool,
+                     errors: list[str], graph_prefill: bool) -> dict[str, object]:
     e2e = level == "e2e"
     model = build_variant(config, variant, device)
     synchronize(device)
@@ -372,7 +386,7 @@ def bench_variant(config, variant: str, level: str, batches: list[int], decode_b
             if g is not None:
                 r.setdefault("prefill_graph", {})[str(b)] = g
                 print(f"{variant} prefill b={b} (CUDA graph): {g['ms']:.3f} ms", flush=True)
-    if profile and device.type == "cuda":
+    if profile and device.type == "cuda" and not e2e:  # a 32-layer prefill trace is too long to keep
         r["breakdown_prefill_b1"] = _attempt(f"{variant} profile", errors,
                                              lambda: profile_prefill(model, seq, e2e, device), device)
     if profile and device.type == "cuda" and decode_batches:
@@ -399,15 +413,18 @@ def run_layer_bench(level: str, batches: list[int] | None = None, decode_batches
     """Benchmark `level` ("layer" or "e2e"); prints and writes the markdown table and JSON.
 
     config: a LlamaConfig (default: LLaMA-2-7B shapes with `layers` layers: 1 for "layer",
-    32 for "e2e"); decode_batches: values ≤ 0 are dropped ("--decode-batches 0": no decode);
+    32 for "e2e"); batches: prefill batch sizes ([]: no prefill); decode_batches: values ≤ 0
+    are dropped ("--decode-batches 0": no decode);
     graph_prefill: on CUDA, also time each prefill as a CUDA-graph replay (phase "prefill_graph").
+    profile: on CUDA, the kernel-time breakdown of a batch-1 decode step (and, for "layer", of a
+    batch-1 prefill).
     """
     if level not in DEFAULT_VARIANTS:
         raise ValueError(f"level must be 'layer' or 'e2e', got {level!r}")
     device = torch.device(device)
     e2e = level == "e2e"
     config = config or llama2_7b_config(layers or (32 if e2e else 1))
-    batches = batches or ([1, 4] if e2e else [1, 4, 16])
+    batches = batches if batches is not None else ([1, 4] if e2e else [1, 4, 16])  # []: no prefill
     decode_batches = [b for b in (decode_batches or ([1, 16] if e2e else [1, 4, 16, 64])) if b > 0]
     variants = variants or DEFAULT_VARIANTS[level]
     unknown = set(variants) - set(VARIANTS)
@@ -420,7 +437,7 @@ def run_layer_bench(level: str, batches: list[int] | None = None, decode_batches
     errors: list[str] = []
     for variant in variants:
         results[variant] = bench_variant(config, variant, level, batches, decode_batches, device, seq, reps,
-                                         decode_steps, profile and not e2e, errors, graph_prefill)
+                                         decode_steps, profile, errors, graph_prefill)
         # partial results survive a timeout
         write_results({"meta": meta, "results": results, "errors": errors, "partial": True}, "", out_json, None)
     md = markdown(meta, results, errors)

@@ -89,6 +89,12 @@ def _progress_writer(out_json: str | None, meta: dict, start: float) -> Callable
     return after
 
 
+def _non_default(meta: dict) -> str:
+    """The calibration procedure, where it is not the reference one (a result's header must say)."""
+    forward = meta.get("quant_config", {}).get("calib_forward", "simulated")
+    return "" if forward == "simulated" else f", calib_forward=\"{forward}\""
+
+
 def run_quantize_bench(layers: int = 32, nsamples: int = 128, seqlen: int = 2048, out_json: str | None = None,
                        out_md: str | None = None, *, device: str | torch.device = "cuda",
                        dtype: torch.dtype | None = None, config=None, seed: int = 0, progress: bool = True,
@@ -157,7 +163,8 @@ def markdown(r: dict) -> str:
     peak = "—" if r["peak_bytes"] is None else f"{r['peak_bytes'] / 2**30:.1f} GiB"
     lines = [f"## quantize: {m['method']} runtime, {shape}, random weights, {m['dtype']}", "",
              f"{environment_line(m)}. Calibration: {m['calibration']}, {m.get('batch_size', 1)} per forward. One run (no repetition); "
-             f"`duquant.quantize` with QuantConfig(method=\"duquant\") defaults, layer by layer on {m['device']}.", "",
+             f"`duquant.quantize` with QuantConfig(method=\"duquant\"{_non_default(m)}) defaults, layer by layer on "
+             f"{m['device']}.", "",
              "| measure | seconds |", "|---|---|",
              f"| **total (report.seconds)** | **{r['total_s']:.1f}** |",
              f"| per decoder layer (total − capture) / {m['layers']} | {r['per_layer_mean_s']:.2f} |",

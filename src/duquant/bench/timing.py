@@ -66,13 +66,13 @@ def environment(device: torch.device) -> dict[str, object]:
         triton_version = triton.__version__
     except Exception:  # not installed (CPU CI) or broken: the benches still run without it
         triton_version = None
-    from duquant.kernels import ops
+    from duquant.kernels import dependent_launch, ops
 
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({platform.processor() or 'unknown'})"
     return {"device": str(device), "gpu": name, "torch": torch.__version__, "cuda": torch.version.cuda,
             "triton": triton_version, "transformers": transformers.__version__, "python": sys.version.split()[0],
             "transform_kernel": ops.TRANSFORM_KERNEL, "rows_max_m": ops.ROWS_MAX_M, "rows_max_k": ops.ROWS_MAX_K,
-            "decode_gemv_max_m": ops.DECODE_GEMV_MAX_M}
+            "decode_gemv_max_m": ops.DECODE_GEMV_MAX_M, "decode_pdl": dependent_launch.DECODE_PDL}
 
 
 def environment_line(env: dict[str, object]) -> str:

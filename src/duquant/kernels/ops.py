@@ -13,6 +13,7 @@ import os
 import torch
 
 from duquant.kernels import reference as ref
+from duquant.kernels import dependent_launch
 from duquant.kernels.norm import InputNorm, check_one_fused_op, rms_norm_ref, swiglu_ref
 from duquant.kernels.weight import PackedWeight
 from duquant.quant.quantizer import MIN_SCALE, QuantSpec, fake_quantize
@@ -162,7 +163,8 @@ def w4a4_linear(a: torch.Tensor, s_x: torch.Tensor, weight: PackedWeight, bias: 
     """y = s_x · s_w · (a @ (q_w − z_w)ᵀ) (+ bias): a [..., K] int8/e4m3, s_x float32 [...],
     weight [N, K] packed W4 -> y [..., N]. M ≤ DECODE_MAX_M uses a packed-weight decode
     kernel (the dp4a GEMV up to DECODE_GEMV_MAX_M, else the int8-MMA one); larger M the
-    8-bit prefill GEMM (weight.w8, or a transient expansion)."""
+    8-bit prefill GEMM (weight.w8, or a transient expansion). The GEMV is launched with
+    programmatic dependent launch where the GPU has it (`dependent_launch.DECODE_PDL`)."""
     k = a.shape[-1]
     a2 = a.reshape(-1, k)
     s2 = s_x.reshape(-1).to(torch.float32)
@@ -173,7 +175,8 @@ def w4a4_linear(a: torch.Tensor, s_x: torch.Tensor, weight: PackedWeight, bias: 
     elif m <= DECODE_MAX_M:
         from duquant.kernels import triton_decode as dec
         if m <= DECODE_GEMV_MAX_M and dec.gemv_supported(m, k, weight.packed):
-            y = dec.w4a8_gemv(a2, s2, weight.packed, weight.scale, weight.zero, bias, out_dtype)
+            y = dec.w4a8_gemv(a2, s2, weight.packed, weight.scale, weight.zero, bias, out_dtype,
+                              pdl=dependent_launch.DECODE_PDL)
         else:
             y = dec.w4a8_decode(a2, s2, weight.packed, weight.scale, weight.zero, bias, out_dtype)
     else:
@@ -204,7 +207,8 @@ def w4a4_linear_joined(a: torch.Tensor, s_x: torch.Tensor, weights: list[PackedW
     a2, s2 = a.reshape(-1, k), s_x.reshape(-1).to(torch.float32)
     if joined_gemv_supported(a2, weights):
         from duquant.kernels import triton_decode as dec
-        y = dec.w4a8_gemv_joined(a2, s2, [w.packed for w in weights], scale, zero, bias, out_dtype)
+        y = dec.w4a8_gemv_joined(a2, s2, [w.packed for w in weights], scale, zero, bias, out_dtype,
+                                 pdl=dependent_launch.DECODE_PDL)
     else:
         parts, start = [], 0
         for w in weights:

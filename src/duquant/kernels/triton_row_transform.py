@@ -26,6 +26,9 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents
+
+from duquant.kernels.dependent_launch import pdl_supported
 
 from duquant.kernels.triton_quant import centered_codes, token_qparams
 from duquant.kernels.norm import InputNorm
@@ -38,8 +41,10 @@ def row_transform_quant_kernel(
     M, K, NB, stride_xm, stride_om, clip, qmax, eps,
     N: tl.constexpr, NB_PAD: tl.constexpr, T: tl.constexpr, HAS_SMOOTH: tl.constexpr, HAS_R1: tl.constexpr,
     HAS_PERM: tl.constexpr, HAS_R2: tl.constexpr, PRECISE: tl.constexpr, SYMMETRIC: tl.constexpr,
-    HAS_NORM: tl.constexpr, NORM_W: tl.constexpr, GATED: tl.constexpr,
+    HAS_NORM: tl.constexpr, NORM_W: tl.constexpr, GATED: tl.constexpr, LAUNCH_DEPENDENTS: tl.constexpr = False,
 ):
+    if LAUNCH_DEPENDENTS:  # the decode GEMV after this kernel may start fetching its weight now
+        gdc_launch_dependents()
     R: tl.constexpr = T * NB_PAD
     pid = tl.program_id(0)
     r = tl.arange(0, R)
@@ -122,6 +127,7 @@ def duquant_quantize_rows(x: torch.Tensor, rot1: torch.Tensor | None, perm: torc
         float(norm.eps) if norm is not None else 0.0,
         N=n, NB_PAD=nb_pad, T=t, HAS_SMOOTH=f.smooth is not None, HAS_R1=f.rot1 is not None,
         HAS_PERM=f.perm is not None, HAS_R2=f.rot2 is not None, PRECISE=precise, SYMMETRIC=symmetric,
-        HAS_NORM=norm is not None, NORM_W=norm_w is not None, GATED=up2 is not None, num_warps=warps or w,
+        HAS_NORM=norm is not None, NORM_W=norm_w is not None, GATED=up2 is not None,
+        LAUNCH_DEPENDENTS=pdl_supported(x.device), num_warps=warps or w,
     )
     return out, scale

@@ -35,7 +35,9 @@ from typing import NamedTuple
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents
 
+from duquant.kernels.dependent_launch import pdl_supported
 from duquant.kernels.norm import InputNorm, check_one_fused_op
 from duquant.kernels.tensor_cache import TensorKeyedCache
 from duquant.kernels.triton_quant import centered_codes, token_qparams
@@ -154,7 +156,7 @@ def transform_quant_kernel(
     N1: tl.constexpr, N2: tl.constexpr, KC: tl.constexpr, BLOCK_M: tl.constexpr, SUB: tl.constexpr,
     HAS_SMOOTH: tl.constexpr, HAS_R1: tl.constexpr, HAS_DEST: tl.constexpr, HAS_R2: tl.constexpr,
     HAS_MAP: tl.constexpr, PRECISE: tl.constexpr, STAGE: tl.constexpr, SYMMETRIC: tl.constexpr,
-    HAS_NORM: tl.constexpr, NORM_W: tl.constexpr, GATED: tl.constexpr,
+    HAS_NORM: tl.constexpr, NORM_W: tl.constexpr, GATED: tl.constexpr, LAUNCH_DEPENDENTS: tl.constexpr = False,
 ):
     """One program = one block × one token group of SUB·BLOCK_M tokens (the rotation is
     read once per program and used for SUB token tiles; on the H100 SUB > 1 did not pay,
@@ -175,7 +177,13 @@ def transform_quant_kernel(
     HAS_NORM fuses the RMSNorm that produces x: stage 1 sums x² per token into sumsq; the
     block-0 program of stage 2 turns it into 1/rms (rinv) and zeroes sumsq again for the
     next launch; stage 3 stores the token's scale times 1/rms. Codes are computed on the
-    unnormalised row (per-token quantization is invariant to a per-token factor)."""
+    unnormalised row (per-token quantization is invariant to a per-token factor).
+    LAUNCH_DEPENDENTS (the launch that writes the codes): a decode GEMV launched after this
+    one with PDL may start now (`dependent_launch`); it waits for this grid's end before
+    reading the codes. The GEMV starts only once every program here has started, so the
+    barriers above never wait for a program that has no room."""
+    if LAUNCH_DEPENDENTS and (STAGE == 0 or STAGE == 3):
+        gdc_launch_dependents()
     if STAGE == 0:
         ticket = tl.atomic_add(sync_ptr, 1)
         g = ticket // P
@@ -325,6 +333,23 @@ def fused_default(x: torch.Tensor, m: int, programs: int) -> bool:
     return m <= FUSED_MAX_M and not torch.cuda.is_current_stream_capturing()
 
 
+_THREE_LAUNCH_RUN: set[tuple] = set()
+
+
+def _three_launch_compiled(x: torch.Tensor, m: int, meta: dict) -> bool:
+    """False the first time a kernel configuration (and M, K) comes by outside a CUDA-graph
+    capture: that call then runs the three-launch form, so that a capture later (which takes
+    three launches) finds its kernels compiled and loaded. On the H100 (session 7) a capture
+    whose three-launch kernels had never run before was invalidated at their launch;
+    compiling inside the capture is the suspected cause (other captures found theirs in
+    Triton's disk cache)."""
+    key = (x.device, m, x.shape[-1], tuple(sorted(meta.items())))
+    if key in _THREE_LAUNCH_RUN or not x.is_cuda or torch.cuda.is_current_stream_capturing():
+        return True
+    _THREE_LAUNCH_RUN.add(key)
+    return False
+
+
 def token_rows_and_outputs(x: torch.Tensor, out_dtype: torch.dtype, up: torch.Tensor | None = None,
                            norm: InputNorm | None = None) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor,
                                                                     torch.Tensor]:
@@ -387,16 +412,22 @@ def two_stage_quantize(x: torch.Tensor, n1: int, rot1: torch.Tensor | None, dest
     group = bm * sub
     m_pad = triton.cdiv(m, group) * group
     groups = m_pad // group
+    has_map = srow is not None
     vt = _buffer("vt", k * m_pad, torch.float32 if precise else torch.bfloat16, x.device).view(k, m_pad)
     row_range = _buffer("row_range", 2 * m_pad, torch.float32, x.device)
-    # precise (fp32 vT, 3×TF32) in one launch can exceed shared memory (K = 11008)
-    fused = (fused_default(x, m, programs) and not precise) if fused is None else fused
+    norm_w = None if norm is None or norm.weight is None else norm.weight.contiguous()
+    meta = dict(N1=n1, N2=n2, KC=n2 if n2 <= 128 else 64, BLOCK_M=bm, SUB=sub,
+                HAS_SMOOTH=smooth is not None, HAS_R1=rot1 is not None, HAS_DEST=dest is not None,
+                HAS_R2=rot2t is not None, HAS_MAP=has_map, PRECISE=precise, SYMMETRIC=symmetric,
+                HAS_NORM=norm is not None, NORM_W=norm_w is not None, GATED=up2 is not None,
+                LAUNCH_DEPENDENTS=pdl_supported(x.device), num_warps=warps or 4)
+    if fused is None:
+        # precise (fp32 vT, 3×TF32) in one launch can exceed shared memory (K = 11008)
+        fused = fused_default(x, m, programs) and not precise and _three_launch_compiled(x, m, meta)
     if fused and x.is_cuda and programs > _sm_count(x.device):
         raise ValueError(f"one-launch transform: {programs} programs per token group exceed the GPU's "
                          f"{_sm_count(x.device)} SMs (they must be resident at once); use fused=False")
     dummy = scale
-    has_map = srow is not None
-    norm_w = None if norm is None or norm.weight is None else norm.weight.contiguous()
     args = (x2, smooth if smooth is not None else dummy, rot1 if rot1 is not None else dummy,
             dest if dest is not None else dummy, vt, rot2t if rot2t is not None else dummy,
             srow if has_map else dummy, ocol if has_map else dummy, row_range[:m_pad], row_range[m_pad:], out, scale,
@@ -407,10 +438,6 @@ def two_stage_quantize(x: torch.Tensor, n1: int, rot1: torch.Tensor | None, dest
             up2 if up2 is not None else dummy,
             m, x2.stride(0), m_pad, na, nb, programs, out.stride(0), float(post_scale), float(clip),
             float((1 << bits) - 1), 1.0 / k, float(norm.eps) if norm is not None else 0.0)
-    meta = dict(N1=n1, N2=n2, KC=n2 if n2 <= 128 else 64, BLOCK_M=bm, SUB=sub,
-                HAS_SMOOTH=smooth is not None, HAS_R1=rot1 is not None, HAS_DEST=dest is not None,
-                HAS_R2=rot2t is not None, HAS_MAP=has_map, PRECISE=precise, SYMMETRIC=symmetric,
-                HAS_NORM=norm is not None, NORM_W=norm_w is not None, GATED=up2 is not None, num_warps=warps or 4)
     if fused:
         transform_quant_kernel[(groups * programs,)](*args, STAGE=0, **meta)
     else:

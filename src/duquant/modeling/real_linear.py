@@ -15,6 +15,9 @@ Layers the kernels do not cover (16-bit or symmetric activations, weights other 
 """
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
 from torch import nn
 
@@ -212,3 +215,18 @@ def to_real_backend(model: nn.Module, prefill_weight: str | None = None,
         fused = fuse_norms(model) + fuse_swiglu(model)
     simulated = [name for name, m in model.named_modules() if isinstance(m, QuantLinear)]
     return {"real": real, "simulated": simulated, "fused": fused}
+
+
+@contextmanager
+def real_layers(module: nn.Module, prefill_weight: str | None = "fp8") -> Iterator[None]:
+    """`module`'s QuantLinears run on the W4A4 kernels inside the block, as they will be
+    deployed (no norm fusion, no joined decode: the module may be a single decoder layer),
+    and are put back after it, with the kernels' cached inputs and 8-bit weight copies
+    dropped. Calibration runs each just-quantized layer this way with
+    `QuantConfig.calib_forward="real"`."""
+    to_real_backend(module, prefill_weight, fuse=False, join_decode=False)
+    try:
+        yield
+    finally:
+        to_simulated_backend(module)
+        _MEMO.clear()
