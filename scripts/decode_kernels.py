@@ -34,6 +34,13 @@ from duquant.kernels.weight import quantize_weight
 GROUPS = {"q/k/v": ([4096, 4096, 4096], 4096), "gate/up": ([11008, 11008], 4096)}
 
 
+def _emit(rows: list[dict], lines: list[str], row: dict, line: str, check: str) -> None:
+    """Keep one measured row (JSON) and its table line, and print the line with its correctness check."""
+    rows.append(row)
+    lines.append(line)
+    print(line, check, flush=True)
+
+
 def _weights(ns: list[int], k: int):
     """BF16 weights [n, k] for each n of a group, and their 4-bit packed forms, in as many copies as
     it takes to cycle past L2 (a copy shares the scales and zero points, concatenated once)."""
@@ -63,12 +70,11 @@ def _gemv_rows(ms: list[int]) -> tuple[list[dict], list[str]]:
             t_bf16 = _graph_bench([lambda ws=ws, w=w: x @ w.T for ws in bf16 for w in ws]) * len(ns)
             t_sep = _graph_bench([lambda p=p: w4a8_gemv(a, s, p.packed, p.scale, p.zero) for ps in w4 for p in ps]) * len(ns)
             t_join = _graph_bench([lambda ps=ps: w4a8_gemv_joined(a, s, [p.packed for p in ps], scale, zero) for ps in w4])
-            r = {"group": name, "M": m, "bf16_us": t_bf16, "separate_us": t_sep, "joined_us": t_join,
-                 "joined_vs_separate_rel_err": err, "joined_weight_TBps": total_n * k / 2 / t_join / 1e6}
-            rows.append(r)
-            lines.append(f"| {name} | {m} | {t_bf16:.1f} | {t_sep:.1f} | {t_join:.1f} | **{t_bf16 / t_join:.2f}×** | "
-                         f"{t_sep / t_join:.2f}× |")
-            print(lines[-1], f"(rel. err joined vs separate {err:.1e})", flush=True)
+            _emit(rows, lines, {"group": name, "M": m, "bf16_us": t_bf16, "separate_us": t_sep, "joined_us": t_join,
+                                "joined_vs_separate_rel_err": err,
+                                "joined_weight_TBps": total_n * k / 2 / t_join / 1e6},
+                  f"| {name} | {m} | {t_bf16:.1f} | {t_sep:.1f} | {t_join:.1f} | **{t_bf16 / t_join:.2f}×** | "
+                  f"{t_sep / t_join:.2f}× |", f"(rel. err joined vs separate {err:.1e})")
         del bf16, w4
         torch.cuda.empty_cache()
     return rows, lines
@@ -104,11 +110,11 @@ def _transform_rows(ms: list[int]) -> tuple[list[dict], list[str]]:
                 "rows_w4": _graph_bench([lambda: duquant_quantize_rows(x, r1, perm, r2, None, warps=4, **kw)] * 8),
                 "rows_w8": _graph_bench([lambda: duquant_quantize_rows(x, r1, perm, r2, None, warps=8, **kw)] * 8),
             }
-            rows.append({"K": k, "op": op, "M": m, **{f"{n}_us": t for n, t in times.items()},
-                         "rows_vs_tiles_code_flips": flips,
-                         "rows_vs_tiles_scale_rel": float(((s_r - s_t).abs() / s_t).max())})
-            lines.append(f"| {k} | {op} | {m} | " + " | ".join(f"{t:.1f}" for t in times.values()) + " |")
-            print(lines[-1], f"(rows vs tiles: {flips:.1e} of codes differ)", flush=True)
+            _emit(rows, lines, {"K": k, "op": op, "M": m, **{f"{n}_us": t for n, t in times.items()},
+                                "rows_vs_tiles_code_flips": flips,
+                                "rows_vs_tiles_scale_rel": float(((s_r - s_t).abs() / s_t).max())},
+                  f"| {k} | {op} | {m} | " + " | ".join(f"{t:.1f}" for t in times.values()) + " |",
+                  f"(rows vs tiles: {flips:.1e} of codes differ)")
     return rows, lines
 
 
@@ -140,11 +146,10 @@ def _chain_rows(ms: list[int]) -> tuple[list[dict], list[str]]:
             t_plain = _graph_bench([lambda p=p: chain(p, False) for p in w4])
             t_pdl = _graph_bench([lambda p=p: chain(p, True) for p in w4])
             t_hot = _graph_bench([lambda w=w4[0]: chain(w, False)] * 8)  # one weight: L2-resident after the first call
-            rows.append({"group": name, "M": m, "K": k, "fused_op": op, "bf16_us": t_bf16, "chain_us": t_plain,
-                         "chain_pdl_us": t_pdl, "chain_hot_l2_us": t_hot, "pdl_rel_err_vs_reference": err})
-            lines.append(f"| {name} | {m} | {t_bf16:.1f} | {t_plain:.1f} | {t_pdl:.1f} | {t_hot:.1f} | "
-                         f"{t_plain / t_pdl:.2f}× | **{t_bf16 / t_pdl:.2f}×** |")
-            print(lines[-1], f"(PDL chain vs reference: rel. err {err:.1e})", flush=True)
+            _emit(rows, lines, {"group": name, "M": m, "K": k, "fused_op": op, "bf16_us": t_bf16, "chain_us": t_plain,
+                                "chain_pdl_us": t_pdl, "chain_hot_l2_us": t_hot, "pdl_rel_err_vs_reference": err},
+                  f"| {name} | {m} | {t_bf16:.1f} | {t_plain:.1f} | {t_pdl:.1f} | {t_hot:.1f} | "
+                  f"{t_plain / t_pdl:.2f}× | **{t_bf16 / t_pdl:.2f}×** |", f"(PDL chain vs reference: rel. err {err:.1e})")
         del bf16, w4
         torch.cuda.empty_cache()
     return rows, lines

@@ -18,12 +18,9 @@ from __future__ import annotations
 import argparse
 
 
-# bench.layer.VARIANTS' names (spelled out: --help should not import torch; a test keeps them equal)
-VARIANT_NAMES = ["bf16", "w4a4", "w4a4_fp8w", "w4a4_fused", "w4a4_fp8w_fused", "w4a4_fused_unjoined",
-                 "w4a4_fused_pdl"]
-
-
 def build_parser() -> argparse.ArgumentParser:
+    from duquant.bench.layer import VARIANTS  # torch is imported with the package already
+
     p = argparse.ArgumentParser(prog="duquant bench", description=__doc__.split("\n\n")[0])
     p.add_argument("--level", choices=["kernel", "layer", "e2e", "quantize"], default="kernel")
     p.add_argument("--ms", type=int, nargs="*", default=None, help="kernel level: token counts M")
@@ -31,7 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="layer/e2e: prefill batch sizes (the flag without values: no prefill)")
     p.add_argument("--decode-batches", type=int, nargs="*", default=None,
                    help="layer/e2e: decode batch sizes (0: no decode)")
-    p.add_argument("--variants", nargs="*", default=None, choices=VARIANT_NAMES,
+    p.add_argument("--variants", nargs="*", default=None, choices=list(VARIANTS),
                    help="layer/e2e: variants (default layer: bf16 w4a4 w4a4_fp8w w4a4_fp8w_fused, "
                         "e2e: bf16 w4a4 w4a4_fused)")
     p.add_argument("--layers", type=int, default=None,

@@ -343,7 +343,7 @@ def _three_launch_compiled(x: torch.Tensor, m: int, meta: dict) -> bool:
     whose three-launch kernels had never run before was invalidated at their launch;
     compiling inside the capture is the suspected cause (other captures found theirs in
     Triton's disk cache)."""
-    key = (x.device, m, x.shape[-1], tuple(sorted(meta.items())))
+    key = (x.device, m, x.shape[-1], *meta.values())  # meta is always built in one key order
     if key in _THREE_LAUNCH_RUN or not x.is_cuda or torch.cuda.is_current_stream_capturing():
         return True
     _THREE_LAUNCH_RUN.add(key)
