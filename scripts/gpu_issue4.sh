@@ -16,7 +16,7 @@
 #              bench with --calib-forward real (CALIB_BATCH, default 8), then the layer decode bench with PDL
 #   layer      duquant bench --level layer (bf16, w4a4, w4a4_fp8w, w4a4_fp8w_fused; eager and CUDA-graph prefill)
 #              (layer, e2e: the default DUQUANT_TRANSFORM_KERNEL=auto sends one token of K ≤ 4096 to the rows kernel)
-#   e2e        duquant bench --level e2e (bf16, w4a4, w4a4_fused)
+#   e2e        duquant bench --level e2e (bf16, bf16_rope, w4a4, w4a4_fused)
 #   rows       duquant bench --level layer --variants bf16 w4a4_fp8w w4a4_fp8w_fused, rows transform kernel
 #   three      the same layer bench (bf16, w4a4_fp8w_fused) with the three-launch transform at every M
 # Results land in $OUT as JSON + markdown (+ logs); copy them to results/ with the command line.

@@ -142,6 +142,17 @@ def test_w4a4_variants_share_transforms_and_fuse_norms():
             assert isinstance(layer.mlp, FusedSwiGLU) is fused
 
 
+@pytest.mark.parametrize("variant, fused", [("bf16", False), ("bf16_rope", True), ("w4a4", False),
+                                            ("w4a4_fused", True), ("w4a4_fused_stock_rope", False)])
+def test_variants_with_the_one_kernel_rope(variant: str, fused: bool) -> None:
+    """The fused W4A4 variants run RoPE as one kernel (as to_real_backend does); bf16_rope is the
+    BF16 model with the same kernel, the baseline that separates that gain from W4A4's."""
+    from duquant.modeling.fused_rope import is_fused
+
+    model = build_variant(tiny_llama(layers=2), variant, CPU)
+    assert all(is_fused(layer.self_attn) is fused for layer in model.model.layers)
+
+
 @pytest.mark.parametrize("variant", ["bf16", "w4a4", "w4a4_fused"])
 def test_prefill_and_decode_measurements_run_on_cpu(variant):
     model = build_variant(tiny_llama(), variant, CPU)

@@ -459,3 +459,58 @@ def test_real_quant_linear_matches_simulated_on_gpu(m: int, hadamard: bool) -> N
     # activation, so the output moves by ~√0.01·0.4 ≈ 4% of its norm (3.2–3.6% measured on
     # the H100, run 5), while the perplexity of SmolLM2 moves < 0.2% (results/real_backend).
     assert rel(yr) < 6e-2 and rel(ys) < 6e-2, (rel(yr), rel(ys))
+
+
+@pytest.mark.parametrize("b, hq, hk, s, d", [(1, 32, 32, 1, 128), (4, 9, 3, 1, 64), (2, 9, 3, 2048, 64),
+                                             (3, 5, 1, 33, 128)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_rotary_embedding_on_gpu(b: int, hq: int, hk: int, s: int, d: int, dtype: torch.dtype) -> None:
+    """The one-launch RoPE against the float32-once reference (at most one unit in the last
+    place) and against transformers' op (which rounds after each of its ops)."""
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    from duquant.kernels import reference as ref
+    from duquant.kernels.triton_rope import rotary_embedding
+    _poison_allocator()
+    q = torch.randn(b, s, hq, d, device="cuda").to(dtype).transpose(1, 2)
+    k = torch.randn(b, s, hk, d, device="cuda").to(dtype).transpose(1, 2)
+    ang = 100 * torch.rand(1, s, d // 2, device="cuda")
+    cos, sin = torch.cat([ang.cos()] * 2, -1).to(dtype), torch.cat([ang.sin()] * 2, -1).to(dtype)
+    got = rotary_embedding(q, k, cos, sin)
+    ulp = 2.0 ** -7 if dtype == torch.bfloat16 else 2.0 ** -10
+    for g, r, t in zip(got, ref.rotary_embedding_ref(q, k, cos, sin), apply_rotary_pos_emb(q, k, cos, sin)):
+        scale = r.float().abs().clamp_min(1.0)
+        assert float(((g.float() - r.float()).abs() / scale).max()) <= ulp
+        assert float(((g.float() - t.float()).abs() / scale).max()) <= 4 * ulp
+
+
+def test_fused_rotary_decode_graph_matches_stock() -> None:
+    """A tiny bf16 LLaMA decoding with a static cache under a CUDA graph: the fused-RoPE copy
+    gives the stock model's next-token logits (up to bf16 rounding) and launches the kernel."""
+    from transformers import LlamaConfig, LlamaForCausalLM, StaticCache
+
+    from duquant.modeling.fused_rope import fuse_rotary
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=256, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    stock = LlamaForCausalLM(cfg).to("cuda", torch.bfloat16).eval()
+    fused = copy.deepcopy(stock)
+    assert fuse_rotary(fused) == ["model.layers.0.self_attn", "model.layers.1.self_attn"]
+    ids = torch.randint(0, 256, (2, 9), device="cuda")
+    outs = []
+    for model in (stock, fused):
+        cache = StaticCache(config=cfg, max_cache_len=32)
+        with torch.no_grad():
+            model(ids[:, :8], past_key_values=cache, cache_position=torch.arange(8, device="cuda"))
+            step_ids, pos = ids[:, 8:], torch.tensor([8], device="cuda")
+            graph = torch.cuda.CUDAGraph()
+            s = torch.cuda.Stream()
+            s.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(s):  # warm-up outside the capture (compiles the kernel)
+                model(step_ids, past_key_values=cache, cache_position=pos)
+            torch.cuda.current_stream().wait_stream(s)
+            with torch.cuda.graph(graph):
+                out = model(step_ids, past_key_values=cache, cache_position=pos).logits
+            graph.replay()
+            outs.append(out.float().clone())
+    assert float((outs[0] - outs[1]).abs().max()) < 0.05 * float(outs[0].abs().max())

@@ -1,7 +1,7 @@
 """Triton kernels run on CPU by Triton's interpreter, on small odd shapes, against their
 references: the dp4a decode GEMV (duquant.kernels.triton_decode.w4a8_gemv) and the
 three-launch form of the online transform + quantize (duquant.kernels.triton_transform,
-DuQuant and Hadamard) and the whole-row transform kernel (triton_row_transform). scripts/test.sh runs this file in a second pytest process.
+DuQuant and Hadamard) and the whole-row transform kernel (triton_row_transform) and the one-launch RoPE (triton_rope). scripts/test.sh runs this file in a second pytest process.
 
 Opt-in (the interpreter must be on before the kernel module is imported):
 
@@ -336,3 +336,43 @@ def test_fake_quant_kernel_is_the_torch_quantizer_bit_for_bit(symmetric: bool, c
     out = fake_quantize_rows(y, dtype, 4, symmetric, clip, MIN_SCALE)
     assert out.dtype == dtype and out.shape == y.shape
     assert torch.equal(out, fake_quantize(y.to(dtype), spec))
+
+
+@pytest.mark.parametrize("b, hq, hk, s, d, cos_batch", [(1, 9, 3, 1, 64, 1), (2, 4, 4, 7, 128, 2), (3, 5, 1, 2, 16, 1)])
+def test_rotary_embedding_matches_reference(b: int, hq: int, hk: int, s: int, d: int, cos_batch: int) -> None:
+    """Queries and keys in one launch: transposed [B, S, H, D] views in (as transformers passes
+    them), GQA (fewer key heads), head counts not powers of two, cos/sin shared by the batch or not.
+    Float32 is exact (the interpreter truncates bf16)."""
+    from duquant.kernels.triton_rope import rotary_embedding, supported
+    gen = torch.Generator().manual_seed(b * 100 + d)
+    q = torch.randn(b, s, hq, d, generator=gen).transpose(1, 2)
+    k = torch.randn(b, s, hk, d, generator=gen).transpose(1, 2)
+    ang = torch.randn(cos_batch, s, d // 2, generator=gen)
+    cos, sin = torch.cat([ang.cos()] * 2, -1), torch.cat([ang.sin()] * 2, -1)
+    assert supported(q, k, cos, sin)
+    qo, ko = rotary_embedding(q, k, cos, sin)
+    qr, kr = ref.rotary_embedding_ref(q, k, cos, sin)
+    assert qo.stride() == q.stride() and ko.stride() == k.stride()
+    assert torch.allclose(qo, qr, atol=1e-6, rtol=0) and torch.allclose(ko, kr, atol=1e-6, rtol=0)
+
+
+def test_fused_rotary_model_matches_stock(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A tiny LLaMA with `fuse_rotary` runs the kernel (counted) and gives the stock logits,
+    with and without a KV cache."""
+    from conftest import tiny_model
+    from duquant.kernels import triton_rope
+    from duquant.modeling.fused_rope import fuse_rotary
+    monkeypatch.setenv("DUQUANT_TRITON_INTERPRET", "1")
+    calls = []
+    real = triton_rope.rotary_embedding
+    monkeypatch.setattr(triton_rope, "rotary_embedding", lambda *a: calls.append(a[0].shape) or real(*a))
+    model = tiny_model("llama")
+    ids = torch.randint(0, 96, (2, 6))
+    with torch.no_grad():
+        want = model(ids).logits
+        fuse_rotary(model)
+        got = model(ids).logits
+        out = model(ids[:, :5], use_cache=True)
+        step = model(ids[:, 5:], past_key_values=out.past_key_values).logits
+    assert len(calls) == 3 * len(model.model.layers)
+    assert torch.allclose(got, want, atol=1e-5) and torch.allclose(step[:, -1], want[:, -1], atol=1e-5)

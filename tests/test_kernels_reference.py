@@ -208,6 +208,26 @@ def test_tensor_keyed_cache_needs_the_very_same_tensor():
     assert made == [1, 3, 4, 5]
 
 
+def test_tensor_keyed_cache_forgets_dead_entries_before_live_ones():
+    """A full cache first drops the entries of freed tensors (an earlier model's factors); the
+    live entries stay hits. Only a cache full of live entries starts over."""
+    from duquant.kernels.tensor_cache import TensorKeyedCache
+
+    cache = TensorKeyedCache(max_entries=3)
+    live = [torch.randn(2), torch.randn(2)]
+    for i, t in enumerate(live):
+        cache.get((t,), None, lambda i=i: i)
+    dead = torch.randn(2)
+    cache.get((dead,), None, lambda: "dead")
+    del dead
+    new = torch.ones(1)
+    cache.get((new,), None, lambda: "new")  # full: the dead entry goes, the live ones stay
+    assert [cache.get((t,), None, lambda: "remade") for t in live] == [0, 1]
+    keep = torch.zeros(3)
+    cache.get((keep,), None, lambda: "fourth")  # full of live entries now: cleared
+    assert cache.get((live[0],), None, lambda: "remade") == "remade"
+
+
 def test_dependent_launch_switch_and_support():
     """PDL is off by default, `decode_pdl` switches it for a block and restores it (also on
     error), and it is never offered off a GPU."""

@@ -37,8 +37,9 @@ def _add_backend_args(p: argparse.ArgumentParser) -> None:
                         "(faster prefill, 3x the packed weight memory); none expands the 4-bit codes per call")
     p.add_argument("--fuse", action=argparse.BooleanOptionalAction, default=True,
                    help="real backend: fold the RMSNorms in front of q/k/v and gate/up, and SwiGLU's silu(gate)*up "
-                        "in front of down_proj, into the transform kernels (their own kernels disappear; default on: "
-                        "same perplexity, faster; --no-fuse keeps them separate)")
+                        "in front of down_proj, into the transform kernels (their own kernels disappear), and run "
+                        "each attention's rotary embedding as one kernel (default on: same perplexity, faster; "
+                        "--no-fuse keeps them separate)")
 
 
 def _add_eval_args(p: argparse.ArgumentParser, flag: str) -> None:

@@ -65,7 +65,7 @@ def apply_backend(model, args: argparse.Namespace) -> dict | None:
              len(report["simulated"]), f" ({', '.join(report['simulated'][:3])}, ...)" if report["simulated"] else "")
     return {"backend": "real", "prefill_weight": prefill, "real_layers": len(report["real"]),
             "simulated_layers": report["simulated"], "fuse": bool(report["fused"]),
-            "fused_modules": len(report["fused"])}
+            "fused_modules": len(report["fused"]), "fused_rope_modules": len(report["rope"])}
 
 
 def _print_table(rows: list[tuple[str, dict]], datasets: list[str]) -> None:

@@ -9,6 +9,10 @@ and gate/up, and SwiGLU's silu(gate)·up, fused into the transform kernels
 (`modeling.fusion`; the BF16 variant keeps transformers' modules) and, as `to_real_backend`
 does by default, q/k/v and gate/up each run as one GEMV launch at decode
 (`modeling.joined_decode`); "w4a4_fused_unjoined" leaves that out (one GEMV per linear).
+The _fused variants also run each attention's rotary embedding as one kernel
+(`modeling.fused_rope`, as `to_real_backend` does); "w4a4_fused_stock_rope" keeps
+transformers' five ops per tensor, and "bf16_rope" is BF16 with the same one-kernel RoPE:
+that one is not a W4A4 gain, so the tables give the ratio against both BF16 variants.
 
 Prefill: batch × seq tokens, median of CUDA-event-timed forwards after warm-up.
 Decode: one new token per sequence against a static KV cache holding seq tokens, captured
@@ -38,12 +42,15 @@ from .timing import (allocated_bytes, environment, environment_line, median_ms, 
 
 SEQ = 2048
 PREFILL_CHUNK = 512  # the decode cache is filled in chunks, to bound activation memory at large batch
-VARIANTS = {"bf16": None, "w4a4": {"prefill_weight": None}, "w4a4_fp8w": {"prefill_weight": "fp8"},
+VARIANTS = {"bf16": None, "bf16_rope": {"bf16": True},
+            "w4a4": {"prefill_weight": None}, "w4a4_fp8w": {"prefill_weight": "fp8"},
             "w4a4_fused": {"prefill_weight": None, "fuse": True, "join": True},
             "w4a4_fp8w_fused": {"prefill_weight": "fp8", "fuse": True, "join": True},
             "w4a4_fused_unjoined": {"prefill_weight": None, "fuse": True},
+            "w4a4_fused_stock_rope": {"prefill_weight": None, "fuse": True, "join": True, "rope": False},
             "w4a4_fused_pdl": {"prefill_weight": None, "fuse": True, "join": True, "pdl": True}}
-DEFAULT_VARIANTS = {"layer": ["bf16", "w4a4", "w4a4_fp8w", "w4a4_fp8w_fused"], "e2e": ["bf16", "w4a4", "w4a4_fused"]}
+DEFAULT_VARIANTS = {"layer": ["bf16", "w4a4", "w4a4_fp8w", "w4a4_fp8w_fused"],
+                    "e2e": ["bf16", "bf16_rope", "w4a4", "w4a4_fused"]}
 
 
 # --- models ----------------------------------------------------------------------------
@@ -103,12 +110,14 @@ def _random_quant_linear(lin: nn.Linear, transform, device: torch.device, gen: t
 
 
 def make_w4a4(model: nn.Module, seed: int = 0, prefill_weight: str | None = None, fuse: bool = False,
-              join: bool = False) -> int:
+              join: bool = False, rope: bool | None = None) -> int:
     """Replace every nn.Linear inside the decoder layers by a RealQuantLinear with random
     4-bit codes and a DuQuant transform (R1 · P · R2, 128-blocks; q/k/v share one, gate/up
     another), one linear at a time, so each BF16 weight is freed as soon as it is
-    replaced; fuse: then fuse the norms and SwiGLU into the transforms; join: run q/k/v and
-    gate/up as one GEMV each at decode. Returns the linear weight bytes."""
+    replaced; fuse: then fuse the norms and SwiGLU into the transforms and (unless rope is
+    False) RoPE into one kernel; join: run q/k/v and gate/up as one GEMV each at decode.
+    Returns the linear weight bytes."""
+    from duquant.modeling.fused_rope import fuse_rotary
     from duquant.modeling.fusion import fuse_norms, fuse_swiglu
     from duquant.modeling.joined_decode import join_sibling_decodes
     from duquant.modeling.real_linear import RealQuantLinear, share_sibling_transforms
@@ -138,6 +147,8 @@ def make_w4a4(model: nn.Module, seed: int = 0, prefill_weight: str | None = None
     if fuse:
         fuse_norms(model)
         fuse_swiglu(model)
+    if fuse if rope is None else rope:
+        fuse_rotary(model)
     if join:
         join_sibling_decodes(model)
     return linear_weight_bytes(model)
@@ -163,10 +174,16 @@ def linear_weight_bytes(model: nn.Module) -> int:
 
 
 def build_variant(config, variant: str, device: torch.device, seed: int = 0) -> nn.Module:
-    """BF16 random model; for the W4A4 variants its decoder linears are then replaced."""
+    """BF16 random model; for the W4A4 variants its decoder linears are then replaced
+    ("bf16_rope": only its rotary embeddings become one kernel each)."""
+    from duquant.modeling.fused_rope import fuse_rotary
+
     model = random_llama(config, device, torch.bfloat16, seed)
-    if VARIANTS[variant] is not None:
-        make_w4a4(model, seed, **{k: v for k, v in VARIANTS[variant].items() if k != "pdl"})
+    spec = {k: v for k, v in (VARIANTS[variant] or {}).items() if k != "pdl"}
+    if spec.pop("bf16", False):
+        fuse_rotary(model)
+    elif spec:
+        make_w4a4(model, seed, **spec)
     reset_peak_memory(device)  # return the freed BF16 weights to the device before measuring
     return model
 
@@ -458,19 +475,23 @@ def _gib(nbytes: int | None) -> str:
     return "—" if nbytes is None else f"{nbytes / 2**30:.2f}"
 
 
+def _speedup(res: dict[str, dict], baseline: str, phase: str, batch: int, variant: str, ms: float) -> str:
+    ref = res.get(baseline, {}).get(phase, {}).get(str(batch))
+    return f"**{ref['ms'] / ms:.2f}×**" if ref is not None and not variant.startswith("bf16") else ""
+
+
 def _measurement_rows(res: dict[str, dict], phase: str) -> list[str]:
-    base = res.get("bf16", {}).get(phase, {})
     batches = sorted({int(b) for r in res.values() for b in r.get(phase, {})})
     rows = []
     for b in batches:
         for variant, r in res.items():
             m = r.get(phase, {}).get(str(b))
             if m is None:
-                rows.append(f"| {phase} | {b} | {variant} | failed | | | | | |")
+                rows.append(f"| {phase} | {b} | {variant} | failed | | | | | | |")
                 continue
-            ref = base.get(str(b))
-            speedup = f"**{ref['ms'] / m['ms']:.2f}×**" if ref is not None and variant != "bf16" else ""
-            rows.append(f"| {phase} | {b} | {variant} | {m['ms']:.3f} | {speedup} | {m['tokens_per_s']:.0f} | "
+            rows.append(f"| {phase} | {b} | {variant} | {m['ms']:.3f} | "
+                        f"{_speedup(res, 'bf16', phase, b, variant, m['ms'])} | "
+                        f"{_speedup(res, 'bf16_rope', phase, b, variant, m['ms'])} | {m['tokens_per_s']:.0f} | "
                         f"{_gib(m['peak_bytes'])} | {m['reps']} | {m.get('mode', '')} |")
     return rows
 
@@ -488,8 +509,10 @@ def markdown(meta: dict, res: dict[str, dict], errors: list[str] | None = None) 
              "recorded once in a CUDA graph and replayed (GPU time without host launch overhead, both variants). "
              "Times from CUDA events (wall "
              "clock on the CPU). Peak: max allocated device memory during the measurement.", "",
-             "| phase | batch | variant | ms | vs BF16 | tokens/s | peak GiB | reps | mode |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "vs BF16: against transformers' BF16 model; vs BF16 + RoPE kernel: against the same model with "
+             "the one-kernel rotary embedding the fused W4A4 variants use (blank when not measured).", "",
+             "| phase | batch | variant | ms | vs BF16 | vs BF16 + RoPE kernel | tokens/s | peak GiB | reps | mode |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     lines += (_measurement_rows(res, "prefill") + _measurement_rows(res, "prefill_graph")
               + _measurement_rows(res, "decode"))
     lines += ["", "| variant | decoder linear weights MiB | BF16 / this | resident after build GiB |",

@@ -34,9 +34,9 @@ DECODE_GEMV_MAX_M = 8
 HADAMARD_KERNEL_VERIFIED = os.environ.get("DUQUANT_HADAMARD_KERNEL", "1") == "1"
 # Kernel of the DuQuant transform: "tiles" (triton_transform: (token tile × block) programs,
 # one or three launches) or "rows" (triton_row_transform: whole rows per program, the blocks
-# as the MMA's M dimension). H100, CUDA-graph µs per call (results/kernels/session6/
-# decode_kernels.md; tiles three launches / rows): K = 4096 with the fused RMSNorm, M = 1:
-# 9.2 / 7.3, M = 4: 9.3 / 28.3; K = 11008 with the fused SwiGLU, M = 1: 11.7 / 16.0 (8 warps).
+# as the MMA's M dimension). H100, CUDA-graph µs per call (results/kernels/session8/
+# transform_breakdown.md; tiles three launches / rows, 8 warps): K = 4096 with the fused
+# RMSNorm, M = 1: 9.1 / 6.3, M = 4: 9.0 / 13.7; K = 11008 with the fused SwiGLU, M = 1: 11.6 / 13.1.
 # So "auto" (the default) takes rows for one token when K ≤ ROWS_MAX_K, tiles everywhere else;
 # DUQUANT_TRANSFORM_KERNEL=tiles or =rows forces one kernel.
 TRANSFORM_KERNEL = os.environ.get("DUQUANT_TRANSFORM_KERNEL", "auto")

@@ -138,3 +138,17 @@ def w4a4_linear_ref(a: torch.Tensor, s_x: torch.Tensor, weight: PackedWeight, bi
     y = w4a8_gemm_ref(a, s_x, weight.packed, weight.scale, weight.zero, bias, out_dtype, weight.bits,
                       weight.group_size)
     return y.reshape(*a.shape[:-1], weight.out_features)
+
+
+def rotary_embedding_ref(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
+                         sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """q·cos + rotate_half(q)·sin (and the same for k) in float32, rounded once to q's dtype;
+    q, k [B, H, S, D], cos, sin [B or 1, S, D] (the heads broadcast)."""
+    c, s = cos.float().unsqueeze(1), sin.float().unsqueeze(1)
+
+    def rotate(x: torch.Tensor) -> torch.Tensor:
+        x = x.float()
+        x1, x2 = x.chunk(2, dim=-1)
+        return (x * c + torch.cat((-x2, x1), dim=-1) * s).to(q.dtype)
+
+    return rotate(q), rotate(k)

@@ -37,9 +37,17 @@ class TensorKeyedCache:
             return hit[1]
         value = make()
         if len(self._entries) >= self.max_entries:
+            self._drop_dead()
+        if len(self._entries) >= self.max_entries:  # all alive: start over rather than grow without bound
             self._entries.clear()
         self._entries[key] = (tuple(_ref(t) for t in tensors), value)
         return value
+
+    def _drop_dead(self) -> None:
+        """Forget the entries whose source tensors are gone (a model freed since): a full cache
+        of live entries is cleared, and then every live transform prepares its factors again,
+        inside a CUDA-graph capture too, where the preparation becomes part of the graph."""
+        self._entries = {k: v for k, v in self._entries.items() if all(r is None or r() is not None for r in v[0])}
 
     def clear(self) -> None:
         self._entries.clear()

@@ -9,16 +9,20 @@ the MMA's M dimension) instead of K/n small dependent ones (v1's latency chain):
 
     X [T·K/n, n]  = x rows, block b of token t at row t·NB_PAD + b (NB_PAD = K/n → 2^j)
     U             = (X / smooth) · R̂₁
-    scratch[t, :] = U rows of token t              (its own row: 2·K bytes, stays in L1/L2)
-    V[t·NB_PAD + b, j] = scratch[t, perm[b·n + j]]   (the permutation as a gather, after a
-                                                      CTA barrier: same program, no sync)
+    V[t·NB_PAD + b, j] = U[token t's row, flattened][perm[b·n + j]]   (the permutation as
+                                    one `tl.gather` of the tile, through shared memory;
+                                    precise mode: through a float32 scratch row in L1/L2)
     Y             = V · R̂₂, per-token min/max over the token's rows, codes, store.
 
-One launch, no inter-program barrier, HBM traffic = x + codes (+ the scratch row, which
-the program reads back at once). Padded block rows (K/n not a power of two) are masked.
-T tokens per program keep the tile at ~128 rows (T = 1 at K = 11008, 4 at K = 4096).
-Numerics are those of the tiles kernel (fast: bf16 operands, the rotated row stored as
-bf16; precise: fp32 scratch, 3×TF32 products). The fused RMSNorm and SwiGLU inputs of the
+One launch, no inter-program barrier, HBM traffic = x + codes. Padded block rows (K/n
+not a power of two) are masked. T tokens per program keep the tile at ~128 rows (T = 1
+at K = 11008, 4 at K = 4096; one token at decode). Up to session 7 the gather went
+through a global scratch row (store, CTA barrier, load): on the H100 the shared-memory
+gather took one token of K = 4096 from 7.1 to 6.7 µs and four tokens from 25.3 to 20.6 µs
+(results/kernels/session8/transform_breakdown.md; loading every factor at the start, or
+asking L2 for them first, gained ≤ 0.3 µs or lost, and were not kept).
+Numerics are those of the tiles kernel (fast: bf16 operands, the rotated row held as
+bf16; precise: fp32, 3×TF32 products). The fused RMSNorm and SwiGLU inputs of the
 tiles kernel are here too, simpler: the program holds whole rows, so Σx² is a row sum.
 """
 from __future__ import annotations
@@ -29,10 +33,15 @@ import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents
 
 from duquant.kernels.dependent_launch import pdl_supported
-
-from duquant.kernels.triton_quant import centered_codes, token_qparams
 from duquant.kernels.norm import InputNorm
-from duquant.kernels.triton_transform import _buffer, _dot, prepared_factors, rotation_block, token_rows_and_outputs
+from duquant.kernels.triton_quant import centered_codes, token_qparams
+from duquant.kernels.triton_transform import (
+    _buffer,
+    _dot,
+    prepared_factors,
+    rotation_block,
+    token_rows_and_outputs,
+)
 
 
 @triton.jit
@@ -70,12 +79,17 @@ def row_transform_quant_kernel(
     rr = tl.arange(0, N)
     if HAS_R1:
         h = _dot(h, tl.load(rot1_ptr + rr[:, None] * N + rr[None, :]), PRECISE)
-    if HAS_PERM:
-        row = scratch_ptr + tok.to(tl.int64)[:, None] * K
-        tl.store(row + col, h.to(scratch_ptr.dtype.element_ty), mask=ok)
-        tl.debug_barrier()  # the whole row is written before any thread gathers from it
+    if HAS_PERM:  # v[t, j] = u[t, perm[j]]
         src = tl.load(perm_ptr + col, mask=ok, other=0)
-        h = tl.load(row + src, mask=ok, other=1.0).to(tl.float32)
+        if PRECISE:  # through a scratch row (float32: a shared-memory gather would need 2× the H100's 227 KB)
+            row = scratch_ptr + tok.to(tl.int64)[:, None] * K
+            tl.store(row + col, h, mask=ok)
+            tl.debug_barrier()  # the whole row is written before any thread gathers from it
+            h = tl.load(row + src, mask=ok, other=1.0)
+        else:  # a gather inside the program, through shared memory
+            flat = (r // NB_PAD)[:, None] * (NB_PAD * N) + src  # index into this program's flattened tile
+            g = tl.gather(tl.reshape(h.to(tl.bfloat16), [R * N]), tl.reshape(flat, [R * N]), 0)
+            h = tl.where(ok, tl.reshape(g, [R, N]).to(tl.float32), 1.0)  # padding reads 1 again
     if HAS_R2:
         h = _dot(h, tl.load(rot2_ptr + rr[:, None] * N + rr[None, :]), PRECISE)
     # per-token range: min/max of each tile row, then over the NB_PAD rows of a token
@@ -117,8 +131,8 @@ def duquant_quantize_rows(x: torch.Tensor, rot1: torch.Tensor | None, perm: torc
     f = prepared_factors(rot1, perm, rot2, smooth, precise)
     nb_pad, t, w = row_tile(k, n)
     t = tokens_per_program or min(t, triton.next_power_of_2(m))  # decode: no empty token slots
-    scratch = _buffer("rows", m * k if perm is not None else 1, torch.float32 if precise else torch.bfloat16, x.device)
     dummy = scale
+    scratch = _buffer("rows", m * k, torch.float32, x.device) if precise and perm is not None else dummy
     norm_w = None if norm is None or norm.weight is None else norm.weight.contiguous()
     row_transform_quant_kernel[(triton.cdiv(m, t),)](
         x2, *(v if v is not None else dummy for v in (f.smooth, f.rot1, f.perm, f.rot2)), scratch, out, scale,

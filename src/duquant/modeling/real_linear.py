@@ -166,9 +166,11 @@ def to_simulated_backend(model: nn.Module) -> list[str]:
     """Undo `to_real_backend` in place (each RealQuantLinear back to its QuantLinear, with
     the buffers they share). Call it before `model.to(...)` moves the real layers: a move
     gives them new tensors and the simulated layers keep the old ones."""
+    from .fused_rope import unfuse_rotary
     from .fusion import unfuse
 
     unfuse(model)
+    unfuse_rotary(model)
     return _swap(model, RealQuantLinear, lambda layer: layer.source)
 
 
@@ -198,10 +200,12 @@ def to_real_backend(model: nn.Module, prefill_weight: str | None = None,
     """Swap every `QuantLinear` of `model` that the kernels cover for a `RealQuantLinear`
     (in place); fuse: also fold the RMSNorms in front of them and SwiGLU's silu(gate)·up
     into their transform kernels (`modeling.fusion`; on by default: on the H100 it gave the
-    same SmolLM2 perplexity and a faster layer, results/kernels/NOTES.md session 4);
+    same SmolLM2 perplexity and a faster layer, results/kernels/NOTES.md session 4), and
+    run each attention's rotary embedding as one kernel (`modeling.fused_rope`);
     join_decode: at decode, run q/k/v and gate/up as one GEMV launch each
     (`modeling.joined_decode`). Returns {"real": [names], "simulated": [names kept
-    simulated], "fused": [names of the fused norms and MLPs]}."""
+    simulated], "fused": [names of the fused norms and MLPs], "rope": [attention modules
+    with the one-kernel RoPE]}."""
     real = _swap(model, QuantLinear, lambda layer: RealQuantLinear(layer, prefill_weight) if supports_real(layer) else None)
     share_sibling_transforms(model)
     if join_decode:
@@ -209,12 +213,15 @@ def to_real_backend(model: nn.Module, prefill_weight: str | None = None,
 
         join_sibling_decodes(model)
     fused: list[str] = []
+    rope: list[str] = []
     if fuse:
+        from .fused_rope import fuse_rotary
         from .fusion import fuse_norms, fuse_swiglu
 
         fused = fuse_norms(model) + fuse_swiglu(model)
+        rope = fuse_rotary(model)
     simulated = [name for name, m in model.named_modules() if isinstance(m, QuantLinear)]
-    return {"real": real, "simulated": simulated, "fused": fused}
+    return {"real": real, "simulated": simulated, "fused": fused, "rope": rope}
 
 
 @contextmanager
