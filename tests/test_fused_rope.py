@@ -64,3 +64,25 @@ def test_rotary_reference_is_transformers_op_up_to_rounding() -> None:
         # transformers rounds after each op, the reference once: a few bf16 ulps at most
         assert float((got.float() - want.float()).abs().max()) <= 0.05
         assert float((got.float() - want.float()).abs().mean()) < 2e-3
+
+
+def test_fused_rotary_leaves_differentiable_calls_to_transformers(monkeypatch) -> None:
+    """Where the kernel would apply, it runs only for inputs autograd does not follow."""
+    import pytest
+
+    pytest.importorskip("triton")
+    from duquant.kernels import ops, triton_rope
+
+    monkeypatch.setattr(ops, "use_triton", lambda t: True)
+    kernel_calls = []
+    monkeypatch.setattr(triton_rope, "rotary_embedding", lambda q, k, c, s: kernel_calls.append(1) or (q, k))
+    f = FusedRotary(lambda q, k, c, s, *a, **kw: (q, k))
+    q, k = torch.randn(1, 2, 3, 8), torch.randn(1, 2, 3, 8)
+    cos, sin = torch.randn(1, 3, 8), torch.randn(1, 3, 8)
+    f(q, k, cos, sin)
+    assert kernel_calls == [1]
+    f(q.requires_grad_(), k, cos, sin)
+    assert kernel_calls == [1]
+    with torch.no_grad():
+        f(q, k, cos, sin)
+    assert kernel_calls == [1, 1]

@@ -5,7 +5,8 @@ transformers' attention modules (LLaMA, Mistral, Qwen2, ...) call the module-lev
 model its own copy of its class's `forward`: the same code, whose `apply_rotary_pos_emb`
 resolves to `FusedRotary`, which runs the Triton kernel where it applies (CUDA, or the Triton
 interpreter with DUQUANT_TRITON_INTERPRET=1; q/k [B, H, S, D] with a power-of-two D) and the
-module's own function everywhere else. Nothing global changes: other models of the same
+module's own function everywhere else (also wherever autograd needs the op: the kernel has no
+backward). Nothing global changes: other models of the same
 class, in the same process, keep transformers' op (the benchmark measures BF16 both ways).
 `unfuse_rotary` removes the copies.
 """
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import types
 
+import torch
 from torch import nn
 
 from ..kernels import ops
@@ -31,7 +33,9 @@ class FusedRotary:
 
         unsqueeze_dim = kwargs.get("unsqueeze_dim", args[0] if len(args) == 1 else 1)
         standard = len(args) + len(kwargs) <= 1 and set(kwargs) <= {"unsqueeze_dim"} and unsqueeze_dim == 1
-        if standard and ops.use_triton(q) and supported(q, k, cos, sin):
+        # the kernel has no backward: anything autograd must follow keeps transformers' op
+        differentiable = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, cos, sin))
+        if standard and not differentiable and ops.use_triton(q) and supported(q, k, cos, sin):
             return rotary_embedding(q, k, cos, sin)
         return self.original(q, k, cos, sin, *args, **kwargs)
 
