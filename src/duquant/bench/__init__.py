@@ -19,7 +19,7 @@ import argparse
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from duquant.bench.layer import VARIANTS  # torch is imported with the package already
+    from duquant.bench.layer import DEFAULT_VARIANTS, VARIANTS  # torch is imported with the package already
 
     p = argparse.ArgumentParser(prog="duquant bench", description=__doc__.split("\n\n")[0])
     p.add_argument("--level", choices=["kernel", "layer", "e2e", "quantize"], default="kernel")
@@ -29,8 +29,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--decode-batches", type=int, nargs="*", default=None,
                    help="layer/e2e: decode batch sizes (0: no decode)")
     p.add_argument("--variants", nargs="*", default=None, choices=list(VARIANTS),
-                   help="layer/e2e: variants (default layer: bf16 w4a4 w4a4_fp8w w4a4_fp8w_fused, "
-                        "e2e: bf16 w4a4 w4a4_fused)")
+                   help="layer/e2e: variants (default " + ", ".join(f"{level}: {' '.join(names)}" for level, names
+                                                                   in DEFAULT_VARIANTS.items()) + ")")
     p.add_argument("--layers", type=int, default=None,
                    help="e2e/quantize: decoder layers (default 32, as LLaMA-2-7B; the layer level uses 1)")
     p.add_argument("--nsamples", type=int, default=128, help="quantize: calibration sequences of 2048 tokens")

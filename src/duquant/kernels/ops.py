@@ -189,12 +189,10 @@ def joined_gemv_supported(a: torch.Tensor, weights: list[PackedWeight]) -> bool:
     (a CUDA decode call with per-channel 4-bit weights of one layout); otherwise it runs
     them one by one."""
     m = a.numel() // a.shape[-1]
-    if not (use_triton(a) and m <= DECODE_GEMV_MAX_M and 1 <= len(weights) <= 3):
+    if not (use_triton(a) and m <= DECODE_GEMV_MAX_M and not any(w.group_size for w in weights)):
         return False
     from duquant.kernels import triton_decode as dec
-    first = weights[0].packed
-    return all(not w.group_size and dec.gemv_supported(m, a.shape[-1], w.packed) and w.packed.shape[1] == first.shape[1]
-               and w.packed.stride(0) == first.stride(0) for w in weights)
+    return dec.joined_gemv_supported(m, a.shape[-1], [w.packed for w in weights])
 
 
 def w4a4_linear_joined(a: torch.Tensor, s_x: torch.Tensor, weights: list[PackedWeight],

@@ -463,6 +463,13 @@ def gemv_supported(m: int, k: int, packed: torch.Tensor) -> bool:
             and packed.data_ptr() % 4 == 0)
 
 
+def joined_gemv_supported(m: int, k: int, packed: list[torch.Tensor]) -> bool:
+    """`w4a8_gemv_joined` takes 1–3 weights that each suit the GEMV, with equal K and row stride."""
+    return 1 <= len(packed) <= 3 and all(
+        gemv_supported(m, k, p) and p.shape[1] == packed[0].shape[1] and p.stride(0) == packed[0].stride(0)
+        for p in packed)
+
+
 def w4a8_gemv(a: torch.Tensor, s_x: torch.Tensor, packed: torch.Tensor, w_scale: torch.Tensor,
               w_zero: torch.Tensor, bias: torch.Tensor | None = None, out_dtype: torch.dtype = torch.bfloat16,
               config: dict[str, int] | None = None, pdl: bool = False, **tune: int) -> torch.Tensor:
@@ -483,13 +490,10 @@ def w4a8_gemv_joined(a: torch.Tensor, s_x: torch.Tensor, packed: list[torch.Tens
     packed: 1–3 uint8 [N_i, K/2] with equal K and row stride; w_scale, w_zero (and bias)
     cover the stacked rows: [ΣN_i]. Column block i of y is what `w4a8_gemv` gives for W_i.
     pdl: as for `w4a8_gemv`."""
-    if not 1 <= len(packed) <= 3:
-        raise ValueError(f"the GEMV joins 1 to 3 weights, got {len(packed)}")
     m, k = a.shape
-    for p in packed:
-        if not gemv_supported(m, k, p) or p.shape[1] != packed[0].shape[1] or p.stride(0) != packed[0].stride(0):
-            raise ValueError(f"the GEMV takes M ≤ {GEMV_MAX_M} and K % 8 == 0 with 4-byte aligned weight rows "
-                             f"of one stride (M={m}, K={k}, weights {[tuple(q.shape) for q in packed]})")
+    if not joined_gemv_supported(m, k, packed):
+        raise ValueError(f"the GEMV joins 1 to 3 weights and takes M ≤ {GEMV_MAX_M}, K % 8 == 0, 4-byte aligned "
+                         f"weight rows of one stride (M={m}, K={k}, weights {[tuple(q.shape) for q in packed]})")
     rows = [p.shape[0] for p in packed]
     n = sum(rows)
     if a.dtype != torch.int8:  # e4m3 holding integers (not the decode carrier): exact conversion
