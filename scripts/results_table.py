@@ -70,7 +70,8 @@ def main() -> None:
     p.add_argument("--calib", default="c4")
     p.add_argument("--nsamples", type=int, default=128)
     p.add_argument("--seqlen", type=int, default=2048)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, nargs="+", default=[0],
+                   help="calibration seeds; with several, every run is repeated per seed (named run@seed)")
     p.add_argument("--max-windows", type=int, default=None)
     p.add_argument("--device", default=None)
     p.add_argument("--dtype", default="auto")
@@ -87,51 +88,61 @@ def main() -> None:
     base = load_model(source, dtype)
     datasets = [d for d in args.datasets.split(",") if d]
     test_ids = {d: tokenizer(load_text(d, "test"), return_tensors="pt").input_ids for d in datasets}
-    spec = CalibrationSpec(args.calib, args.nsamples, args.seqlen, args.seed)
-    calibration = calibration_tokens(tokenizer, spec, base.config.vocab_size)
-    common = {"model": args.model, "calibration": spec.to_dict() | {"token_sha256": token_hash(calibration)},
-              "versions": package_versions(), "device": device_description(device), "dtype": str(dtype)}
-
     runs = {name: kw for suite in args.suite for name, kw in SUITES[suite].items()}
     if args.only:
         runs = {k: v for k, v in runs.items() if k in args.only.split(",")}
     rows = []
-    for name, kwargs in runs.items():
-        model = copy.deepcopy(base)
-        record = dict(common, name=name)
-        if kwargs is not None:
-            config = QuantConfig(**kwargs)
-            needs_calibration = config.method != "rtn" or config.weight_quantizer == "gptq"
-            if device.startswith("cuda"):
-                torch.cuda.synchronize()
-            report = quantize(model, config, calibration if needs_calibration else None, device, batch_size=8)
-            record |= {"config": config.to_dict(), "label": config.describe(),
-                       "quantize_seconds": round(report.seconds, 2), "quantize_stages": report.stage_seconds}
-        else:
-            record |= {"config": None, "label": f"FP ({str(dtype).removeprefix('torch.')})", "quantize_seconds": 0.0}
-        model.to(device)
-        record["results"] = {}
-        for d in datasets:
-            t = time.perf_counter()
-            r = perplexity(model, test_ids[d], args.seqlen, device, args.eval_batch_size, args.max_windows, d,
-                           progress=False)
-            record["results"][d] = r.to_dict() | {"seconds": round(time.perf_counter() - t, 2)}
-            logging.info("%s %s %.3f", name, d, r.ppl)
-        rows.append(record)
-        # One file for all runs, rewritten after each: a run cut short still leaves the finished ones.
-        (out / "runs.json").write_text(json.dumps({r["name"]: r for r in rows}, indent=2))
-        del model
-        if device.startswith("cuda"):
-            torch.cuda.empty_cache()
+    specs = []
+    for seed in args.seed:
+        spec = CalibrationSpec(args.calib, args.nsamples, args.seqlen, seed)
+        specs.append(spec.to_dict())
+        calibration = calibration_tokens(tokenizer, spec, base.config.vocab_size)
+        common = {"model": args.model, "calibration": spec.to_dict() | {"token_sha256": token_hash(calibration)},
+                  "versions": package_versions(), "device": device_description(device), "dtype": str(dtype)}
+        for name, kwargs in runs.items():
+            rows.append(evaluate_run(name if len(args.seed) == 1 else f"{name}@{seed}", kwargs, base, calibration,
+                                     common, test_ids, device, dtype, args))
+            # One file for all runs, rewritten after each: a run cut short still leaves the finished ones.
+            (out / "runs.json").write_text(json.dumps({r["name"]: r for r in rows}, indent=2))
 
     lines = ["| run | setting | " + " | ".join(datasets) + " | quantize s |", "|---|---|" + "---|" * len(datasets) + "---|"]
     for r in rows:
         ppl = " | ".join(f"{r['results'][d]['ppl']:.2f}" for d in datasets)
         lines.append(f"| {r['name']} | {r['label']} | {ppl} | {r['quantize_seconds']:.1f} |")
     windows = ", ".join(f"{d}: {rows[0]['results'][d]['windows']} windows" for d in datasets) if rows else ""
-    table = "\n".join(lines) + f"\n\n{common['device']}, {common['dtype']}; {windows}; calibration {spec.to_dict()}\n"
+    calibrations = specs[0] if len(specs) == 1 else specs
+    table = "\n".join(lines) + f"\n\n{common['device']}, {common['dtype']}; {windows}; calibration {calibrations}\n"
     (out / "table.md").write_text(table)
     print(table)
+
+
+def evaluate_run(name: str, kwargs: dict | None, base, calibration: torch.Tensor, common: dict,
+                 test_ids: dict, device: str, dtype: torch.dtype, args) -> dict:
+    """Quantize a copy of `base` with QuantConfig(**kwargs) (None: the FP model) and evaluate it."""
+    model = copy.deepcopy(base)
+    record = dict(common, name=name)
+    if kwargs is not None:
+        config = QuantConfig(**kwargs)
+        needs_calibration = config.method != "rtn" or config.weight_quantizer == "gptq"
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        report = quantize(model, config, calibration if needs_calibration else None, device, batch_size=8)
+        record |= {"config": config.to_dict(), "label": config.describe(),
+                   "quantize_seconds": round(report.seconds, 2), "quantize_stages": report.stage_seconds}
+    else:
+        record |= {"config": None, "label": f"FP ({str(dtype).removeprefix('torch.')})", "quantize_seconds": 0.0}
+    model.to(device)
+    record["results"] = {}
+    for d in test_ids:
+        t = time.perf_counter()
+        r = perplexity(model, test_ids[d], args.seqlen, device, args.eval_batch_size, args.max_windows, d,
+                       progress=False)
+        record["results"][d] = r.to_dict() | {"seconds": round(time.perf_counter() - t, 2)}
+        logging.info("%s %s %.3f", name, d, r.ppl)
+    del model
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()
+    return record
 
 
 if __name__ == "__main__":

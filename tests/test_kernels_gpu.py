@@ -484,6 +484,26 @@ def test_rotary_embedding_on_gpu(b: int, hq: int, hk: int, s: int, d: int, dtype
         assert float(((g.float() - t.float()).abs() / scale).max()) <= 4 * ulp
 
 
+@pytest.mark.parametrize("m, k", [(1, 576), (33, 1536), (2048, 4096), (7, 11008)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_rms_norm_on_gpu(m: int, k: int, dtype: torch.dtype) -> None:
+    """The one-kernel RMSNorm against transformers' LlamaRMSNorm in the model dtype: at most
+    one unit in the last place apart (the sum's order and the rsqrt's last bit may differ)."""
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    from duquant.kernels.triton_rms_norm import rms_norm
+    _poison_allocator()
+    norm = LlamaRMSNorm(k, eps=1e-5).to("cuda", dtype)
+    with torch.no_grad():
+        norm.weight.uniform_(0.25, 4.0)
+        x = (torch.randn(m, k, device="cuda") * 5).to(dtype)
+        want = norm(x)
+    got = rms_norm(x, norm.weight, 1e-5)
+    ulp = 2.0 ** -7 if dtype == torch.bfloat16 else 2.0 ** -10
+    assert got.dtype == want.dtype
+    assert float(((got.float() - want.float()).abs() / want.float().abs().clamp_min(1e-3)).max()) <= 2 * ulp
+
+
 def test_fused_rotary_decode_graph_matches_stock() -> None:
     """A tiny bf16 LLaMA decoding with a static cache under a CUDA graph: the fused-RoPE copy
     gives the stock model's next-token logits (up to bf16 rounding) and launches the kernel."""

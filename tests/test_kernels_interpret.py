@@ -18,6 +18,7 @@ so exactness is checked on float32 outputs.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 
 import pytest
@@ -376,3 +377,59 @@ def test_fused_rotary_model_matches_stock(monkeypatch: pytest.MonkeyPatch) -> No
         step = model(ids[:, 5:], past_key_values=out.past_key_values).logits
     assert len(calls) == 3 * len(model.model.layers)
     assert torch.allclose(got, want, atol=1e-5) and torch.allclose(step[:, -1], want[:, -1], atol=1e-5)
+
+
+@pytest.mark.parametrize("shape, with_weight", [((1, 576), True), ((2, 7, 100), True), ((33, 64), False)])
+def test_rms_norm_matches_transformers(shape: tuple[int, ...], with_weight: bool) -> None:
+    """The one-kernel RMSNorm against transformers' LlamaRMSNorm: odd row counts and widths,
+    a leading batch dimension, no weight. Float32 (the interpreter truncates bf16)."""
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    from duquant.kernels.triton_rms_norm import rms_norm, supported
+    gen = torch.Generator().manual_seed(len(shape))
+    x = torch.randn(*shape, generator=gen) * 3
+    norm = LlamaRMSNorm(shape[-1], eps=1e-5)
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 2.0, generator=gen)
+        want = norm(x) if with_weight else x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-5)
+    weight = norm.weight.detach() if with_weight else None
+    assert supported(x, weight)
+    got = rms_norm(x, weight, 1e-5)
+    assert got.shape == x.shape and got.dtype == x.dtype
+    assert torch.allclose(got, want, rtol=2e-6, atol=1e-6)
+
+
+def test_quantize_through_calibration_kernels_matches_stock_ops(monkeypatch: pytest.MonkeyPatch) -> None:
+    """DuQuant calibration with RMSNorm and RoPE on kernels (counted) gives the quantized model
+    of the stock ops, and leaves the model's own ops in place afterwards."""
+    import importlib
+
+    from conftest import tiny_model
+    from duquant.config import QuantConfig
+    from duquant.kernels import triton_rms_norm, triton_rope
+    from duquant.modeling.fused_rms_norm import is_fused
+    pipeline = importlib.import_module("duquant.quantize")
+    monkeypatch.setenv("DUQUANT_TRITON_INTERPRET", "1")
+    calls = []
+    for module, name in ((triton_rms_norm, "rms_norm"), (triton_rope, "rotary_embedding")):
+        real = getattr(module, name)
+        monkeypatch.setattr(module, name, lambda *a, _real=real, _name=name: calls.append(_name) or _real(*a))
+    tokens = torch.randint(0, 96, (2, 12), generator=torch.Generator().manual_seed(3))
+    ids = torch.randint(0, 96, (1, 10), generator=torch.Generator().manual_seed(4))
+
+    def quantized_logits() -> torch.Tensor:
+        model = tiny_model("llama")
+        pipeline.quantize(model, QuantConfig(method="duquant", rotation_steps=8), tokens, device="cpu",
+                          batch_size=2, progress=False)
+        assert not any(is_fused(m) for m in model.modules())
+        with torch.no_grad():
+            return model(ids).logits
+
+    with monkeypatch.context() as stock:
+        stock.setattr(pipeline, "calibration_kernels", lambda *_: contextlib.nullcontext())
+        want = quantized_logits()
+    assert calls == []
+    got = quantized_logits()
+    layers = len(tiny_model("llama").model.layers)
+    assert calls.count("rotary_embedding") >= 3 * layers and calls.count("rms_norm") >= 6 * layers
+    assert torch.allclose(got, want, rtol=1e-3, atol=1e-3), (got - want).abs().max()

@@ -156,3 +156,24 @@ def test_zigzag_deal_order():
 @pytest.mark.parametrize("channels,expected", [(576, 64), (1536, 128), (4096, 128), (11008, 128), (96, 32), (7, 1)])
 def test_auto_block_size(channels, expected):
     assert auto_block_size(channels) == expected
+
+
+def test_greedy_rotation_does_not_depend_on_the_cpu_thread_count():
+    """The random step matrices (a LAPACK QR, whose bits depend on the thread count) are built
+    on one thread wherever the loop runs, so a rotation is the same on every machine; and the
+    loop leaves its float32 input alone (it used to rotate the caller's tensor in place)."""
+    from duquant.transforms.rotation import greedy_rotations
+
+    x = torch.randn(1, 32, 16, generator=torch.Generator().manual_seed(0))
+    x[0, 3, 5] = 40.0
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for n in (1, 2, 4):
+            torch.set_num_threads(n)
+            results.append(greedy_rotations(x, 20, [torch.Generator().manual_seed(7)]))
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.get_num_threads() == threads
+    assert all(torch.equal(results[0], r) for r in results[1:])
+    assert x[0, 3, 5] == 40.0 and x.dtype == torch.float32

@@ -16,6 +16,7 @@ from .methods.gptq_layer import quantize_layer, uses_gptq
 from .methods.statistics import collect
 from .modeling.adapters import adapter_for, attention_shape
 from .modeling.attention import use_quantized_attention
+from .modeling.calibration_kernels import calibration_kernels
 from .modeling.real_linear import real_layers
 from .sequential import capture_layer0_inputs, check_finite, run_layer
 
@@ -80,34 +81,35 @@ def quantize(model: nn.Module, config: QuantConfig, calibration: torch.Tensor | 
     use_quantized_attention(model)  # quantized layers must quantize Q/K/V while calibrating, too
     layers = adapter.decoder_layers(model)
     fit_time = 0.0
-    for index, layer in enumerate(tqdm(layers, desc=f"quantize {config.describe()}", disable=not progress)):
-        home = next(layer.parameters()).device
-        layer.to(device)
-        t = time.perf_counter()
-        fp_stats = q_stats = None
-        if want_absmax:
-            fp_stats, fp_next = collect(layer, adapter, fp_inputs, device, want_absmax=True, want_mean=False)
-        if want_mean:
-            q_stats, _ = collect(layer, adapter, q_inputs, device, want_absmax=False, want_mean=True,
-                                 want_outputs=False)  # only the statistics: stop before down_proj runs
-        plans = fit_groups(
-            adapter.groups, layer, config, shape,
-            absmax=None if fp_stats is None else fp_stats.absmax,
-            mean_sequence=None if q_stats is None else {g.name: q_stats.mean_sequence(g.name) for g in adapter.groups
-                                                         if g.name in q_stats.mean_sum},
-            generators=[layer_generator(config.seed, index, g) for g in range(len(adapter.groups))],
-            where=f"layer {index}",
-        )
-        fit_time += time.perf_counter() - t
-        quantize_layer(layer, index, adapter, plans, config, shape, q_inputs, device)
-        if want_absmax:  # the full-precision stream feeds the next layer's smoothing statistics
-            fp_inputs = fp_next
-            check_finite(fp_inputs, index, "full-precision output")
-        if want_prefix:  # the quantized prefix feeds the next layer's rotation statistics and GPTQ
-            with real_layers(layer) if config.calib_forward == "real" else nullcontext():
-                q_inputs = run_layer(layer, q_inputs, device)
-            check_finite(q_inputs, index)
-        layer.to(home)
+    with calibration_kernels(model, device):  # RMSNorm and RoPE of the FP passes on kernels (CUDA)
+        for index, layer in enumerate(tqdm(layers, desc=f"quantize {config.describe()}", disable=not progress)):
+            home = next(layer.parameters()).device
+            layer.to(device)
+            t = time.perf_counter()
+            fp_stats = q_stats = None
+            if want_absmax:
+                fp_stats, fp_next = collect(layer, adapter, fp_inputs, device, want_absmax=True, want_mean=False)
+            if want_mean:
+                q_stats, _ = collect(layer, adapter, q_inputs, device, want_absmax=False, want_mean=True,
+                                     want_outputs=False)  # only the statistics: stop before down_proj runs
+            plans = fit_groups(
+                adapter.groups, layer, config, shape,
+                absmax=None if fp_stats is None else fp_stats.absmax,
+                mean_sequence=None if q_stats is None else {g.name: q_stats.mean_sequence(g.name) for g in adapter.groups
+                                                             if g.name in q_stats.mean_sum},
+                generators=[layer_generator(config.seed, index, g) for g in range(len(adapter.groups))],
+                where=f"layer {index}",
+            )
+            fit_time += time.perf_counter() - t
+            quantize_layer(layer, index, adapter, plans, config, shape, q_inputs, device)
+            if want_absmax:  # the full-precision stream feeds the next layer's smoothing statistics
+                fp_inputs = fp_next
+                check_finite(fp_inputs, index, "full-precision output")
+            if want_prefix:  # the quantized prefix feeds the next layer's rotation statistics and GPTQ
+                with real_layers(layer) if config.calib_forward == "real" else nullcontext():
+                    q_inputs = run_layer(layer, q_inputs, device)
+                check_finite(q_inputs, index)
+            layer.to(home)
     report.stage_seconds["fit"] = fit_time
     report.seconds = time.perf_counter() - start
     log.info("quantized with %s in %.1f s", config.describe(), report.seconds)

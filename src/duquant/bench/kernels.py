@@ -246,11 +246,21 @@ def _row(n: int, k: int, m: int, r: dict[str, float]) -> dict[str, object]:
 def markdown(rows: list[dict[str, object]], meta: dict[str, object]) -> str:
     lines = [f"GPU: {meta['gpu']}; torch {meta['torch']}, triton {meta['triton']}; measured ceilings: "
              f"copy {meta['ceilings']['copy_TBps']:.2f} TB/s, BF16 GEMM {meta['ceilings']['bf16_TFLOPs']:.0f} TFLOP/s",
-             "", "| N×K | M | path | BF16 µs | transform+quant µs | GEMM µs | W4A4 total µs | speedup | GEMM-only speedup |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "", "Eager columns: one call per timing (`triton.testing.do_bench`, L2 flushed), so a kernel "
+             "whose host code outlasts the flush is timed with its launch overhead. Graph columns (prefill "
+             "sizes): GPU time per call in a CUDA-graph replay of 4 calls, FP8 path, BF16 timed the same way.",
+             "", "| N×K | M | path | BF16 µs | transform+quant µs | GEMM µs | W4A4 total µs | speedup | GEMM-only speedup "
+             "| graph: BF16 µs | graph: transform µs | graph: W4A4 total µs | graph speedup |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
+        graph = "| — | — | — | — |"
+        if "graph_speedup" in r:
+            us = r["all_us"]
+            graph = (f"| {us['bf16_graph']:.1f} | {us['transform_fp8_graph']:.1f} | {us['total_fp8_graph']:.1f} "
+                     f"| **{r['graph_speedup']:.2f}×** |")
         lines.append(f"| {r['N']}×{r['K']} | {r['M']} | {r['path']} | {r['bf16_us']:.1f} | {r['transform_us']:.1f} | "
-                     f"{r['gemm_us']:.1f} | {r['w4a4_total_us']:.1f} | **{r['speedup']:.2f}×** | {r['gemm_only_speedup']:.2f}× |")
+                     f"{r['gemm_us']:.1f} | {r['w4a4_total_us']:.1f} | **{r['speedup']:.2f}×** | "
+                     f"{r['gemm_only_speedup']:.2f}× {graph}")
     lines += ["", "Other variants (µs):", ""]
     for r in rows:
         extra = ", ".join(f"{k} {v:.1f}" for k, v in r["all_us"].items())

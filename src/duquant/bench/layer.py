@@ -1,6 +1,8 @@
 """Decoder-layer and end-to-end benchmarks: a LLaMA-2-7B-shaped model with random weights,
 BF16 against W4A4 (every decoder linear a `RealQuantLinear` with DuQuant's online transform
-on its input and random packed 4-bit codes), measured in the same run.
+on its input and random packed 4-bit codes), measured in the same run. Attention runs in
+BF16 in both (the README's "W4A4" setting: Q, K, V in 16 bit; "+KV4" would add their
+quantization, which this benchmark does not time).
 
 Variants: "bf16"; "w4a4" (packed 4-bit codes only; the prefill GEMM expands them to an
 8-bit carrier per call); "w4a4_fp8w" (also an FP8 copy of q − z for the prefill GEMM:

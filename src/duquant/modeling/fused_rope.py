@@ -79,9 +79,11 @@ def is_fused(module: nn.Module) -> bool:
     return isinstance(fn, types.FunctionType) and isinstance(fn.__globals__.get(_NAME), FusedRotary)
 
 
-def unfuse_rotary(model: nn.Module) -> list[str]:
-    """Undo `fuse_rotary`: the modules run their class's forward again."""
-    names = [name for name, module in model.named_modules() if is_fused(module)]
+def unfuse_rotary(model: nn.Module, names: list[str] | None = None) -> list[str]:
+    """Undo `fuse_rotary` (for `names` only, if given): the modules run their class's
+    forward again."""
+    fused = [name for name, module in model.named_modules() if is_fused(module)]
+    names = fused if names is None else [name for name in names if name in fused]
     for name in names:
         del model.get_submodule(name).forward
     return names

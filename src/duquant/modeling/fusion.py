@@ -39,7 +39,7 @@ class DeferredRMSNorm(nn.Module):
         return f"eps={self.eps}, fused into {', '.join(self.consumers)}"
 
 
-def _rms_eps(norm: nn.Module) -> float | None:
+def rms_norm_eps(norm: nn.Module) -> float | None:
     """The eps of an RMSNorm that computes exactly `rms_norm_ref` (checked on a probe), else None."""
     eps = getattr(norm, "variance_epsilon", getattr(norm, "eps", None))
     weight = getattr(norm, "weight", None)
@@ -68,7 +68,7 @@ def fuse_norms(model: nn.Module) -> list[str]:
                 continue
             if len({c.transform_id for c in consumers}) != 1:
                 continue
-            eps = _rms_eps(norm)
+            eps = rms_norm_eps(norm)
             if eps is None:
                 continue
             deferred = DeferredRMSNorm(norm, eps, list(group.linears))

@@ -11,10 +11,11 @@ of the layer (Remark 2).
 from __future__ import annotations
 
 import math
-from contextlib import contextmanager
+from contextlib import nullcontext
 
 import torch
 
+from .cpu_threads import one_cpu_thread
 from .hadamard import random_orthogonal
 
 
@@ -47,20 +48,6 @@ def _outlier_channel(x: torch.Tensor, exchange: str) -> torch.Tensor:
     return flat % n if exchange == "column" else (flat // n) % n
 
 
-@contextmanager
-def _one_cpu_thread(device: torch.device):
-    """The greedy loop is hundreds of tiny ops: on the CPU, thread hand-offs cost more than the math."""
-    if device.type != "cpu":
-        yield
-        return
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
-
-
 def greedy_rotation(
     x: torch.Tensor,
     steps: int,
@@ -86,24 +73,28 @@ def greedy_rotations(
     on a GPU it is a stream of small kernels (a LLaMA-2-7B layer fits 8 rotations of 256
     steps; one at a time, with a host sync per step, that took longer than the math).
     """
-    with _one_cpu_thread(xs.device):
+    # on the CPU the loop is hundreds of tiny ops: thread hand-offs cost more than the math
+    with one_cpu_thread() if xs.device.type == "cpu" else nullcontext():
         return _greedy_rotations(xs, steps, generators, exchange, criterion)
 
 
 def _step_matrices(n: int, generators: list[torch.Generator], device: torch.device) -> torch.Tensor:
     # R̃·Q with Q = diag(1, Q'): one random Q' per fitted rotation, as in the reference code.
-    basis = uniform_first_row_basis(n)
-    mats = []
-    for generator in generators:
-        q = torch.eye(n, dtype=torch.float64)
-        q[1:, 1:] = random_orthogonal(n - 1, generator)
-        mats.append(basis @ q)
+    # Built on the CPU on one thread, wherever the loop runs (`cpu_threads`: fast and the same
+    # on every machine).
+    with one_cpu_thread():
+        basis = uniform_first_row_basis(n)
+        mats = []
+        for generator in generators:
+            q = torch.eye(n, dtype=torch.float64)
+            q[1:, 1:] = random_orthogonal(n - 1, generator)
+            mats.append(basis @ q)
     return torch.stack(mats).to(device)
 
 
 def _greedy_rotations(xs, steps, generators, exchange, criterion) -> torch.Tensor:
     b, _, n = xs.shape
-    work = xs.to(torch.float32)
+    work = xs.to(torch.float32, copy=True)  # the loop updates it in place: never the caller's tensor
     step_matrix = _step_matrices(n, generators, xs.device)  # [B, n, n]
     total = torch.eye(n, dtype=torch.float64, device=xs.device).expand(b, n, n).clone()
     best, best_value = total.clone(), _outlier_criterion(work, criterion)
