@@ -11,8 +11,9 @@ import torch
 
 from duquant.bench import breakdown as bd
 from duquant.bench import build_parser, main
-from duquant.bench.layer import (DEFAULT_VARIANTS, build_variant, cache_write_counters, decode_inputs, decode_step_fn, fill_static_cache,
+from duquant.bench.layer import (DEFAULT_VARIANTS, build_variant, decode_inputs, decode_step_fn, fill_static_cache,
                                  linear_weight_bytes, measure_decode, measure_prefill, run_layer_bench)
+from duquant.modeling.static_cache import cache_write_counters
 
 CPU = torch.device("cpu")
 cuda_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

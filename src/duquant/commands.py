@@ -15,6 +15,7 @@ from .config import QuantConfig
 from .data.calibration import CalibrationSpec, calibration_tokens, token_hash
 from .data.datasets import load_text
 from .evaluation.perplexity import perplexity
+from .modeling.graph_generate import greedy_generate
 from .modeling.kv_cache import QuantizedKVCache, has_quantized_kv
 from .modeling.real_linear import to_real_backend, to_simulated_backend
 from .model_loading import default_device, load_model, load_tokenizer, parse_dtype, resolve_model_source
@@ -177,8 +178,20 @@ def generate_command(args: argparse.Namespace) -> int:
     else:
         text = args.prompt
     inputs = tokenizer(text, return_tensors="pt").to(device)
-    # A model with quantized K/V generates from a cache that holds the quantized codes.
-    cache = {"past_key_values": QuantizedKVCache(model)} if has_quantized_kv(model) else {}
-    output = model.generate(**inputs, max_new_tokens=args.max_new_tokens, do_sample=False, **cache)
-    print(tokenizer.decode(output[0, inputs.input_ids.shape[1]:], skip_special_tokens=True))
+    prompt = inputs.input_ids.shape[1]
+    if has_quantized_kv(model):
+        # A model with quantized K/V generates from a cache that holds the quantized codes.
+        output = model.generate(**inputs, max_new_tokens=args.max_new_tokens, do_sample=False,
+                                past_key_values=QuantizedKVCache(model))
+    elif args.no_cuda_graph or inputs.input_ids.device.type != "cuda":
+        output = model.generate(**inputs, max_new_tokens=args.max_new_tokens, do_sample=False)
+    else:  # one CUDA graph replayed per token: the decode steps without their host overhead
+        eos = model.generation_config.eos_token_id
+        eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+        result = greedy_generate(model, inputs.input_ids, args.max_new_tokens, eos)
+        output = result.ids
+        if result.new_tokens > 1:
+            log.info("decoded %d tokens after the first at %.1f tokens/s (%s)", result.new_tokens - 1,
+                     (result.new_tokens - 1) / max(result.decode_seconds, 1e-9), result.mode)
+    print(tokenizer.decode(output[0, prompt:], skip_special_tokens=True))
     return 0

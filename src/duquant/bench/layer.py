@@ -37,6 +37,7 @@ import torch
 from torch import nn
 
 from ..kernels import ops
+from ..modeling.static_cache import cache_write_counters, rewind_cache
 from .breakdown import breakdown_markdown, profile_breakdown
 from .output import write_results
 from .timing import (allocated_bytes, environment, environment_line, median_ms, peak_memory_bytes,
@@ -267,22 +268,6 @@ def fill_static_cache(model: nn.Module, prefix: torch.Tensor, chunk: int = PREFI
     return cache
 
 
-def cache_write_counters(cache) -> list[torch.Tensor]:
-    """The per-layer write positions of a transformers ≥ 5.17 StaticCache (`cumulative_length`).
-
-    Every forward advances them by the number of new tokens, also on each CUDA-graph replay
-    (the increment is a recorded kernel): replayed 1-token steps write at seq, seq + 1, ...
-    and soon past max_cache_len, the index_copy_ out-of-bounds assert of run 3. Read them
-    after the prefill: the lazy initialisation replaces them with device tensors."""
-    counters = [getattr(layer, "cumulative_length", None) for layer in getattr(cache, "layers", [])]
-    return [c for c in counters if isinstance(c, torch.Tensor)]
-
-
-def _rewind(counters: list[torch.Tensor], position: torch.Tensor) -> None:
-    if counters:
-        torch._foreach_copy_(counters, [position] * len(counters))  # one kernel for all layers
-
-
 def decode_step_fn(model: nn.Module, cache, new: torch.Tensor, seq: int, e2e: bool) -> Callable[[], object]:
     """One decode step of the token(s) `new` at position `seq`. Each call first rewinds the
     cache's write position to `seq`: any number of calls (or graph replays) write the same
@@ -294,7 +279,7 @@ def decode_step_fn(model: nn.Module, cache, new: torch.Tensor, seq: int, e2e: bo
     forward = model if e2e else model.model
 
     def step():
-        _rewind(counters, position)
+        rewind_cache(counters, position)
         return forward(**inputs, past_key_values=cache, position_ids=pos[None], cache_position=pos, use_cache=True)
 
     return step

@@ -1,0 +1,116 @@
+"""Greedy generation whose one-token steps replay a CUDA graph.
+
+`model.generate` runs every decode step eagerly: for a W4A4 model on the real backend that
+is hundreds of kernel launches per token, each with its Python host code, so a step costs
+several times its GPU time (results/kernels/NOTES.md, session 9). Here the prompt is run once
+into a transformers `StaticCache`; then one decode step (the model on one new token per
+sequence, and the argmax of its logits) is recorded as a CUDA graph and replayed for every
+further token. The cache's write position and the position tensor advance on the device, so
+every replay is the next step. Without CUDA (or with `use_graph=False`) the same loop runs
+eagerly, which is what the CPU tests check against `model.generate`.
+
+Greedy decoding only (the `duquant generate` command decodes greedily); a model whose K/V
+live in a `QuantizedKVCache` keeps `model.generate` (that cache is not a static one).
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .static_cache import cache_write_counters, rewind_cache
+
+log = logging.getLogger(__name__)
+_WARMUP = 3  # eager steps before capture (cuBLAS workspaces, Triton compilation, lazy init)
+
+
+@dataclass
+class GenerationResult:
+    ids: torch.Tensor  # [batch, prompt + generated] token ids
+    new_tokens: int  # steps taken (≤ max_new_tokens: all sequences may stop at EOS earlier)
+    mode: str  # "cuda-graph" or "eager"
+    decode_seconds: float  # wall time of the decode steps after the prompt (first token excluded)
+
+
+@torch.no_grad()
+def greedy_generate(model: nn.Module, input_ids: torch.Tensor, max_new_tokens: int,
+                    eos_token_ids: list[int] | tuple[int, ...] = (), use_graph: bool = True) -> GenerationResult:
+    """Greedy continuation of `input_ids` [batch, prompt] (no padding: every row has the same
+    length). Sequences that reach an EOS token keep emitting it while others go on, as
+    `model.generate` pads them; the loop ends when all have stopped or after max_new_tokens."""
+    from transformers import StaticCache
+
+    batch, prompt = input_ids.shape
+    device = input_ids.device
+    cache = StaticCache(config=model.config, max_cache_len=prompt + max_new_tokens + 8)
+    positions = torch.arange(prompt, device=device)
+    logits = model(input_ids=input_ids, past_key_values=cache, position_ids=positions[None],
+                   cache_position=positions, use_cache=True).logits
+    token = logits[:, -1].argmax(-1)
+    out = [token]
+    eos = torch.tensor(list(eos_token_ids), device=device, dtype=token.dtype)
+    finished = torch.isin(token, eos)
+
+    position = torch.full((1,), prompt, device=device, dtype=torch.long)  # the step's position, advanced in place
+    step_input = token[:, None].clone()
+
+    def step() -> torch.Tensor:
+        logits = model(input_ids=step_input, past_key_values=cache, position_ids=position[None],
+                       cache_position=position, use_cache=True).logits
+        return logits[:, -1].argmax(-1)
+
+    run, mode = step, "eager"
+    counters = cache_write_counters(cache)
+    if use_graph and device.type == "cuda" and counters and max_new_tokens > 1:
+        write_at = counters[0].clone()
+        try:
+            run, mode = _captured(step, counters, position), "cuda-graph"
+        except Exception as e:  # noqa: BLE001 - generate anyway, eagerly, and say why
+            rewind_cache(counters, write_at)
+            position.fill_(prompt)
+            mode = f"eager (CUDA graph capture failed: {type(e).__name__}: {str(e)[:160]})"
+            log.warning("greedy_generate: %s", mode)
+    start = time.perf_counter()
+    for _ in range(max_new_tokens - 1):
+        if bool(finished.all()):
+            break
+        token = run()
+        if eos.numel():
+            token = torch.where(finished, eos[0], token)
+            finished |= torch.isin(token, eos)
+        out.append(token.clone())
+        step_input.copy_(token[:, None])
+        position.add_(1)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    seconds = time.perf_counter() - start
+    return GenerationResult(torch.cat([input_ids, torch.stack(out, dim=1)], dim=1), len(out), mode, seconds)
+
+
+def _captured(step, counters: list[torch.Tensor], position: torch.Tensor):
+    """`step` recorded as a CUDA graph after warm-up steps on a side stream. The warm-up
+    steps write the cache at the step's position and advance its write counters: both are
+    undone (the counters rewound; the slot is rewritten by the first real step)."""
+    start = position.clone()
+    write_at = counters[0].clone()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(_WARMUP):
+            step()
+            rewind_cache(counters, write_at)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        result = step()
+    rewind_cache(counters, write_at)  # capture does not run the step, but be exact about it
+    position.copy_(start)
+
+    def replay() -> torch.Tensor:
+        graph.replay()
+        return result
+
+    return replay
