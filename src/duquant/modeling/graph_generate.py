@@ -75,7 +75,7 @@ def greedy_generate(model: nn.Module, input_ids: torch.Tensor, max_new_tokens: i
             log.warning("greedy_generate: %s", mode)
     start = time.perf_counter()
     for _ in range(max_new_tokens - 1):
-        if bool(finished.all()):
+        if eos.numel() and bool(finished.all()):  # a host sync: only when there is an EOS to wait for
             break
         token = run()
         if eos.numel():
@@ -94,7 +94,6 @@ def _captured(step, counters: list[torch.Tensor], position: torch.Tensor):
     """`step` recorded as a CUDA graph after warm-up steps on a side stream. The warm-up
     steps write the cache at the step's position and advance its write counters: both are
     undone (the counters rewound; the slot is rewritten by the first real step)."""
-    start = position.clone()
     write_at = counters[0].clone()
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
@@ -104,10 +103,8 @@ def _captured(step, counters: list[torch.Tensor], position: torch.Tensor):
             rewind_cache(counters, write_at)
     torch.cuda.current_stream().wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
+    with torch.cuda.graph(graph):  # recorded, not run: the counters stay where they are
         result = step()
-    rewind_cache(counters, write_at)  # capture does not run the step, but be exact about it
-    position.copy_(start)
 
     def replay() -> torch.Tensor:
         graph.replay()
