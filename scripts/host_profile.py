@@ -22,6 +22,8 @@ from pathlib import Path
 
 import torch
 
+from duquant.cuda_graphs import capture
+
 
 def _stats(profiler: cProfile.Profile, rows: int) -> str:
     out = io.StringIO()
@@ -41,14 +43,7 @@ def _wall_us(fn, calls: int) -> float:
 
 
 def _graph_us(fn, replays: int = 10) -> float:
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        fn(), fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
+    graph, _ = capture(fn, 2)
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     graph.replay()
     start.record()

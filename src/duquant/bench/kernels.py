@@ -17,6 +17,7 @@ from typing import Callable
 
 import torch
 
+from ..cuda_graphs import capture
 from .output import write_results
 
 # LLaMA-2-7B linear shapes (N, K): q/k/v/o, gate/up, down.
@@ -39,17 +40,7 @@ def _bench(fn: Callable[[], object]) -> float:
 
 def _graph_bench(calls: list[Callable[[], object]], replays: int = 20, trials: int = 5) -> float:
     """Median microseconds per call of a CUDA graph holding `calls` back to back."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(2):
-            for c in calls:
-                c()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for c in calls:
-            c()
+    graph, _ = capture(lambda: [c() for c in calls], 2)
     graph.replay()
     torch.cuda.synchronize()
     times = []

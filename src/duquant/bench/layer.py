@@ -36,6 +36,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from ..cuda_graphs import capture
 from ..kernels import ops
 from ..modeling.static_cache import cache_write_counters, rewind_cache
 from .breakdown import breakdown_markdown, profile_breakdown
@@ -287,15 +288,7 @@ def decode_step_fn(model: nn.Module, cache, new: torch.Tensor, seq: int, e2e: bo
 
 def capture_graph(step: Callable[[], object], warmup: int = 3) -> Callable[[], object]:
     """Record `step` in a CUDA graph (after warm-up on a side stream); returns its replay."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(warmup):
-            step()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        step()
+    graph, _ = capture(step, warmup)
     return graph.replay
 
 

@@ -19,19 +19,20 @@ class GroupStatistics:
     def observe(self, name: str, x: torch.Tensor) -> None:
         x = x.detach()
         if self.want_absmax:
-            # max(|max|, |min|) is exact in any dtype and reads x twice without writing a copy
+            # max(|max|, |min|) is exact in any dtype: one pass over x, no copy of it
             # (x.abs() would write one as large as x)
-            rows = x.reshape(-1, x.shape[-1])
-            amax = torch.maximum(rows.amax(dim=0).abs(), rows.amin(dim=0).abs()).float()
+            lo, hi = torch.aminmax(x.reshape(-1, x.shape[-1]), dim=0)
+            amax = torch.maximum(hi.abs(), lo.abs()).float()
             prev = self.absmax.get(name)
             self.absmax[name] = amax if prev is None else torch.maximum(prev, amax)
         if self.want_mean:
             # The DuQuant reference statistic: the calibration samples averaged into one sequence.
+            sequences = x.reshape(-1, *x.shape[-2:])
             # summed in float32 inside the reduction, without a float32 copy of x
-            total = x.reshape(-1, *x.shape[-2:]).sum(dim=0, dtype=torch.float32)
+            total = sequences.sum(dim=0, dtype=torch.float32)
             prev = self.mean_sum.get(name)
             self.mean_sum[name] = total if prev is None else prev + total
-            self.mean_count[name] = self.mean_count.get(name, 0) + x.reshape(-1, *x.shape[-2:]).shape[0]
+            self.mean_count[name] = self.mean_count.get(name, 0) + sequences.shape[0]
 
     def mean_sequence(self, name: str) -> torch.Tensor:
         return self.mean_sum[name] / self.mean_count[name]

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..cuda_graphs import capture
 from .static_cache import cache_write_counters, rewind_cache
 
 log = logging.getLogger(__name__)
@@ -67,10 +68,9 @@ def greedy_generate(model: nn.Module, input_ids: torch.Tensor, max_new_tokens: i
     if use_graph and device.type == "cuda" and counters and max_new_tokens > 1:
         write_at = counters[0].clone()
         try:
-            run, mode = _captured(step, counters, position), "cuda-graph"
+            run, mode = _captured(step, counters, write_at), "cuda-graph"
         except Exception as e:  # noqa: BLE001 - generate anyway, eagerly, and say why
-            rewind_cache(counters, write_at)
-            position.fill_(prompt)
+            rewind_cache(counters, write_at)  # a failed capture may have left warm-up writes counted
             mode = f"eager (CUDA graph capture failed: {type(e).__name__}: {str(e)[:160]})"
             log.warning("greedy_generate: %s", mode)
     start = time.perf_counter()
@@ -90,21 +90,11 @@ def greedy_generate(model: nn.Module, input_ids: torch.Tensor, max_new_tokens: i
     return GenerationResult(torch.cat([input_ids, torch.stack(out, dim=1)], dim=1), len(out), mode, seconds)
 
 
-def _captured(step, counters: list[torch.Tensor], position: torch.Tensor):
-    """`step` recorded as a CUDA graph after warm-up steps on a side stream. The warm-up
-    steps write the cache at the step's position and advance its write counters: both are
-    undone (the counters rewound; the slot is rewritten by the first real step)."""
-    write_at = counters[0].clone()
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(_WARMUP):
-            step()
-            rewind_cache(counters, write_at)
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):  # recorded, not run: the counters stay where they are
-        result = step()
+def _captured(step, counters: list[torch.Tensor], write_at: torch.Tensor):
+    """`step` recorded as a CUDA graph. Each warm-up step writes the cache at the step's
+    position and advances its write counters: the counters are rewound to `write_at` after
+    each (the slot is rewritten by the first real step)."""
+    graph, result = capture(step, _WARMUP, lambda: rewind_cache(counters, write_at))
 
     def replay() -> torch.Tensor:
         graph.replay()

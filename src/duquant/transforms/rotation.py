@@ -15,6 +15,7 @@ from contextlib import nullcontext
 
 import torch
 
+from ..cuda_graphs import capture
 from .cpu_threads import one_cpu_thread
 from .hadamard import random_orthogonal
 
@@ -131,15 +132,7 @@ def _repeat(step, steps: int, device: torch.device) -> None:
         for _ in range(steps):
             step()
         return
-    side = torch.cuda.Stream(device)
-    side.wait_stream(torch.cuda.current_stream(device))
-    with torch.cuda.stream(side):
-        for _ in range(_GRAPH_WARMUP):
-            step()
-    torch.cuda.current_stream(device).wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):  # recorded, not run
-        step()
+    graph, _ = capture(step, _GRAPH_WARMUP, device=device)  # the warm-up calls are the first steps
     for _ in range(steps - _GRAPH_WARMUP):
         graph.replay()
 
