@@ -3,7 +3,9 @@
     python scripts/generate_speed.py --out-json out/generate_speed.json [--layers 32] [--new 64]
 
 A LLaMA-2-7B-shaped model with random weights (`duquant.bench.layer.build_variant`), BF16
-and W4A4 (real backend, every fusion), batch 1, a prompt of 128 random token ids. For each:
+W4A4 (real backend, every fusion) and W4A4 with 4-bit Q/K/V (DuQuant's default; K/V codes in a
+QuantizedKVCache for `generate`, a StaticQuantizedKVCache for `greedy_generate`), batch 1, a
+prompt of 128 random token ids. For each:
 transformers' `model.generate` (eager steps, DynamicCache), `greedy_generate` eager (StaticCache)
 and `greedy_generate` with one CUDA graph per step (what `duquant generate` runs on CUDA). Decode
 tokens/s exclude the prompt and the first token; the median of `--reps` runs after one warm-up.
@@ -20,14 +22,17 @@ import torch
 from duquant.bench.layer import build_variant, llama2_7b_config
 from duquant.bench.timing import environment
 from duquant.modeling.graph_generate import greedy_generate
+from duquant.modeling.kv_cache import QuantizedKVCache, has_quantized_kv
 
 
 def _hf_generate_seconds(model, ids: torch.Tensor, new: int) -> float:
-    """Decode seconds of model.generate: the run minus a 1-token run (prompt + first token)."""
+    """Decode seconds of model.generate: the run minus a 1-token run (prompt + first token).
+    A model with quantized K/V generates from a QuantizedKVCache, as `duquant generate` does."""
     def timed(n: int) -> float:
         torch.cuda.synchronize()
         t = time.perf_counter()
-        model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
+        cache = {"past_key_values": QuantizedKVCache(model)} if has_quantized_kv(model) else {}
+        model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0, **cache)
         torch.cuda.synchronize()
         return time.perf_counter() - t
     return timed(new) - timed(1)
@@ -38,7 +43,7 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=32)
     parser.add_argument("--new", type=int, default=64)
     parser.add_argument("--reps", type=int, default=3)
-    parser.add_argument("--variants", nargs="*", default=["bf16", "w4a4_fused"])
+    parser.add_argument("--variants", nargs="*", default=["bf16", "w4a4_fused", "w4a4_fused_qkv4"])
     parser.add_argument("--out-json", default=None)
     args = parser.parse_args()
     device = torch.device("cuda")

@@ -536,10 +536,11 @@ def test_fused_rotary_decode_graph_matches_stock() -> None:
     assert float((outs[0] - outs[1]).abs().max()) < 0.05 * float(outs[0].abs().max())
 
 
-@pytest.mark.parametrize("variant", ["bf16", "w4a4_fused"])
+@pytest.mark.parametrize("variant", ["bf16", "w4a4_fused", "w4a4_fused_qkv4"])
 def test_greedy_generate_cuda_graph_matches_eager_steps(variant: str) -> None:
     """`greedy_generate` replaying one captured decode step gives the tokens of the same loop
-    run eagerly, for BF16 and for the W4A4 real backend with every fusion (tiny random model)."""
+    run eagerly, for BF16, for the W4A4 real backend with every fusion (tiny random model),
+    and for the same with 4-bit Q/K/V (its K/V codes in a StaticQuantizedKVCache)."""
     from transformers import LlamaConfig
 
     from duquant.bench.layer import build_variant
@@ -552,3 +553,65 @@ def test_greedy_generate_cuda_graph_matches_eager_steps(variant: str) -> None:
     graph = greedy_generate(model, ids, 12)
     assert graph.mode == "cuda-graph" and eager.mode == "eager"
     assert torch.equal(graph.ids, eager.ids), (graph.ids, eager.ids)
+
+
+@pytest.mark.parametrize("b, h, t, d", [(1, 32, 1, 128), (2, 9, 7, 64), (1, 3, 2048, 64), (3, 4, 33, 80)])
+@pytest.mark.parametrize("hadamard", [False, True])
+def test_kv_quant_kernels_on_gpu(b: int, h: int, t: int, d: int, hadamard: bool) -> None:
+    """triton_kv_quant on bf16 [B, H, T, D] views as transformers passes them: the fake-quant output
+    against apply_hadamard + fake_quantize (bit for bit without the Hadamard; with it, a code one
+    step away in < 1% of the values); the cache write against encode_rows (bit for bit without the
+    Hadamard), and its read-back equal to the fake-quant output (the same rotation and quantizer)."""
+    from duquant.kernels.triton_kv_quant import dequantize_row_codes, fake_quantize_heads, store_row_codes
+    from duquant.quant.quantizer import MIN_SCALE, QuantSpec, fake_quantize
+    from duquant.quant.row_codes import decode_rows, encode_rows, zero_rows
+    from duquant.transforms.hadamard import apply_hadamard, hadamard_on
+    x = torch.randn(b, t, h, d, device="cuda", dtype=torch.bfloat16).transpose(1, 2)
+    x[0, 0, 0, 1] = 60.0
+    spec = QuantSpec(bits=4, symmetric=False, clip=0.9)
+    had = hadamard_on(d, x.device, torch.bfloat16) if hadamard else None
+    _poison_allocator()
+    got = fake_quantize_heads(x, had, 4, False, 0.9, MIN_SCALE)
+    want = fake_quantize(apply_hadamard(x) if hadamard else x, spec)
+    if hadamard:
+        moved = ~torch.isclose(got.float(), want.float(), rtol=1e-2, atol=1e-6)
+        assert float(moved.float().mean()) < 0.01
+    else:
+        assert torch.equal(got, want)
+    parts = zero_rows(b, h, t + 5, d, spec, torch.bfloat16, x.device)
+    store_row_codes(x, had, *parts, torch.tensor(3, device="cuda"), 4, False, 0.9, MIN_SCALE)
+    for part in parts:
+        assert not part[:, :, :3].any() and not part[:, :, 3 + t:].any()
+    if not hadamard:
+        for part, new in zip(parts, encode_rows(x, spec)):
+            assert torch.equal(part[:, :, 3:3 + t], new)
+    read = dequantize_row_codes(*parts, 4, d, torch.bfloat16)
+    assert torch.equal(read, decode_rows(parts, spec, torch.bfloat16))
+    assert torch.equal(read[:, :, 3:3 + t], got)
+
+
+@pytest.mark.parametrize("b, hq, hkv, length, d", [(1, 32, 32, 2056, 128), (16, 32, 32, 2056, 128), (2, 9, 3, 77, 64)])
+def test_decode_attention_from_codes_on_gpu(b: int, hq: int, hkv: int, length: int, d: int) -> None:
+    """triton_decode_attention (bf16 query, 4-bit K/V codes) against SDPA over the dequantized BF16
+    cache with a causal + padding mask: SDPA rounds its probabilities to BF16, this kernel does not,
+    so agreement is to BF16 precision."""
+    import torch.nn.functional as F
+
+    from duquant.kernels.triton_decode_attention import decode_attention
+    from duquant.quant.quantizer import QuantSpec
+    from duquant.quant.row_codes import decode_rows, encode_rows
+    spec = QuantSpec(bits=4, symmetric=False, clip=1.0)
+    keys, values = (encode_rows(torch.randn(b, hkv, length, d, device="cuda", dtype=torch.bfloat16), spec)
+                    for _ in range(2))
+    query = torch.randn(b, hq, 1, d, device="cuda", dtype=torch.bfloat16)
+    mask = torch.ones(b, 1, 1, length, dtype=torch.bool, device="cuda")
+    mask[..., length - 8:] = False
+    mask[0, ..., :5] = False
+    _poison_allocator()
+    out = decode_attention(query, keys, values, mask, d ** -0.5)
+    k = decode_rows(keys, spec, torch.bfloat16).repeat_interleave(hq // hkv, dim=1)
+    v = decode_rows(values, spec, torch.bfloat16).repeat_interleave(hq // hkv, dim=1)
+    want = F.scaled_dot_product_attention(query, k, v, attn_mask=mask).transpose(1, 2)
+    assert out.shape == want.shape and torch.isfinite(out).all()
+    err = (out.float() - want.float()).abs().max() / want.float().abs().max()
+    assert float(err) < 2e-2, float(err)

@@ -433,3 +433,117 @@ def test_quantize_through_calibration_kernels_matches_stock_ops(monkeypatch: pyt
     layers = len(tiny_model("llama").model.layers)
     assert calls.count("rotary_embedding") >= 3 * layers and calls.count("rms_norm") >= 6 * layers
     assert torch.allclose(got, want, rtol=1e-3, atol=1e-3), (got - want).abs().max()
+
+
+def _heads(b: int, h: int, t: int, d: int, dtype: torch.dtype, seed: int = 0) -> torch.Tensor:
+    """[B, H, T, D] as transformers hands attention operands over: a transposed [B, T, H, D] view,
+    with an outlier and a constant row."""
+    x = torch.randn(b, t, h, d, generator=torch.Generator().manual_seed(seed)).transpose(1, 2)
+    x[0, 0, 0, 3] = 40.0
+    x[-1, -1, -1] = 0.5
+    return x.to(dtype)
+
+
+@pytest.mark.parametrize("d, hadamard", [(64, True), (128, True), (40, True), (64, False), (24, False)])
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_kv_fake_quant_kernel_matches_hadamard_then_quantizer(d: int, hadamard: bool, symmetric: bool) -> None:
+    """triton_kv_quant.fake_quantize_heads = fake_quantize(apply_hadamard(x), spec) per (token, head):
+    bit for bit without the Hadamard; with it, the float32 sums may round differently: a scale
+    may differ in its last bits and a code move by one step here and there."""
+    from duquant.kernels.triton_kv_quant import fake_quantize_heads
+    from duquant.quant.quantizer import MIN_SCALE, QuantSpec, fake_quantize
+    from duquant.transforms.hadamard import apply_hadamard, hadamard_on
+    x = _heads(2, 3, 7, d, torch.float32)
+    spec = QuantSpec(bits=4, symmetric=symmetric, clip=0.9)
+    h = hadamard_on(d, x.device, torch.float32) if hadamard else None
+    got = fake_quantize_heads(x, h, 4, symmetric, 0.9, MIN_SCALE)
+    want = fake_quantize(apply_hadamard(x) if hadamard else x, spec)
+    assert got.shape == x.shape and got.is_contiguous()
+    if not hadamard:
+        assert torch.equal(got, want)
+    else:
+        step = (want.amax(-1) - want.amin(-1)).max() / 15
+        assert float((got - want).abs().max()) <= float(step) * 1.01
+        moved = ~torch.isclose(got, want, rtol=1e-5, atol=1e-6)  # a code one step away (the scale's last bits aside)
+        assert float(moved.float().mean()) < 0.02
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_kv_store_and_load_kernels_match_the_row_codes(bits: int) -> None:
+    """store_row_codes writes encode_rows' codes/scales/zeros at the device position (rows past the
+    cache's end are dropped, the others stay zero); dequantize_row_codes is decode_rows."""
+    from duquant.kernels.triton_kv_quant import dequantize_row_codes, store_row_codes
+    from duquant.quant.quantizer import MIN_SCALE, QuantSpec
+    from duquant.quant.row_codes import decode_rows, encode_rows, zero_rows
+    spec = QuantSpec(bits=bits, symmetric=False, clip=1.0)
+    x = _heads(2, 3, 5, 64, torch.float32, seed=1)
+    parts = zero_rows(2, 3, 12, 64, spec, torch.float32, x.device)
+    store_row_codes(x, None, *parts, torch.tensor(4), bits, False, 1.0, MIN_SCALE)
+    want = encode_rows(x, spec)
+    for part, new in zip(parts, want):
+        assert torch.equal(part[:, :, 4:9], new)
+        assert not part[:, :, :4].any() and not part[:, :, 9:].any()
+    assert torch.equal(dequantize_row_codes(*parts, bits, 64, torch.float32), decode_rows(parts, spec, torch.float32))
+    store_row_codes(x, None, *parts, torch.tensor(9), bits, False, 1.0, MIN_SCALE)  # 3 of 5 rows fit
+    assert torch.equal(parts[0][:, :, 9:12], want[0][:, :, :3])
+
+
+def test_static_kv_cache_on_kernels_decodes_like_the_growing_cache(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A W16A16-QKV4 DuQuant model (tiny LLaMA): StaticQuantizedKVCache through the kernels (Q, K, V
+    quantizer, cache write, cache read at the prompt, attention from the codes at one-token steps)
+    gives QuantizedKVCache's logits (PyTorch ops, SDPA) step by step."""
+    from conftest import tiny_model
+    from test_kv_cache import SETTINGS, incremental_logits
+
+    from duquant import QuantConfig, quantize
+    from duquant.modeling.kv_cache import QuantizedKVCache, StaticQuantizedKVCache
+    model = tiny_model("llama")
+    tokens = torch.randint(3, 96, (2, 12), generator=torch.Generator().manual_seed(0))
+    quantize(model, QuantConfig(**SETTINGS["duquant-qkv4"]), tokens, device="cpu", batch_size=2, progress=False)
+    from duquant.kernels import triton_decode_attention as da
+    from duquant.kernels import triton_kv_quant as kv
+    want = incremental_logits(model, tokens, 5, QuantizedKVCache(model))
+    monkeypatch.setenv("DUQUANT_TRITON_INTERPRET", "1")
+    calls = {"store": 0, "load": 0, "heads": 0, "attend": 0}
+
+    def counted(fn, key):
+        def call(*args, **kwargs):
+            calls[key] += 1
+            return fn(*args, **kwargs)
+        return call
+
+    for name, key in (("store_row_codes", "store"), ("dequantize_row_codes", "load"), ("fake_quantize_heads", "heads")):
+        monkeypatch.setattr(kv, name, counted(getattr(kv, name), key))
+    monkeypatch.setattr(da, "decode_attention", counted(da.decode_attention, "attend"))
+    got = incremental_logits(model, tokens, 5, StaticQuantizedKVCache(model, max_cache_len=16))
+    steps, layers = 1 + 7, model.config.num_hidden_layers
+    assert calls == {"store": 2 * layers * steps, "load": 2 * layers, "heads": layers * steps,
+                     "attend": layers * (steps - 1)}
+    assert torch.allclose(got, want, atol=1e-4, rtol=1e-4), float((got - want).abs().max())
+
+
+@pytest.mark.parametrize("b, hq, hkv, length, d, masked", [(2, 6, 2, 150, 64, True), (1, 2, 2, 70, 128, False),
+                                                           (3, 4, 1, 33, 16, True)])
+def test_decode_attention_from_codes_matches_sdpa(b: int, hq: int, hkv: int, length: int, d: int, masked: bool) -> None:
+    """triton_decode_attention over 4-bit codes = SDPA over the dequantized cache (GQA, splits of the
+    positions, a padding + causal mask shared by the batch or per sequence, or no mask)."""
+    import torch.nn.functional as F
+
+    from duquant.kernels.triton_decode_attention import decode_attention
+    from duquant.quant.quantizer import QuantSpec
+    from duquant.quant.row_codes import decode_rows, encode_rows
+    gen = torch.Generator().manual_seed(length)
+    spec = QuantSpec(bits=4, symmetric=False, clip=1.0)
+    keys, values = (encode_rows(torch.randn(b, hkv, length, d, generator=gen) * 2, spec) for _ in range(2))
+    query = torch.randn(b, hq, 1, d, generator=gen)
+    mask = None
+    if masked:
+        mask = torch.ones(b, 1, 1, length, dtype=torch.bool)
+        mask[..., length - 5:] = False  # positions not written yet
+        mask[0, ..., :7] = False  # left padding of the first sequence
+    out = decode_attention(query, keys, values, mask, 0.3)
+    k = decode_rows(keys, spec, torch.float32).repeat_interleave(hq // hkv, dim=1)
+    v = decode_rows(values, spec, torch.float32).repeat_interleave(hq // hkv, dim=1)
+    want = F.scaled_dot_product_attention(query, k, v, attn_mask=mask, scale=0.3).transpose(1, 2)
+    assert out.shape == (b, 1, hq, d)
+    assert torch.allclose(out, want, atol=2e-5, rtol=1e-5), float((out - want).abs().max())

@@ -75,3 +75,39 @@ def test_16_bit_kv_needs_no_quantized_cache(tokens):
     model = tiny_model("llama")
     quantize(model, QuantConfig(method="rtn", abits=16), None, device="cpu", progress=False)
     assert not has_quantized_kv(model)
+
+
+@pytest.mark.parametrize("setting", list(SETTINGS))
+def test_static_cache_decodes_like_the_growing_one(family, tokens, setting):
+    """StaticQuantizedKVCache (fixed buffers, for CUDA graphs) gives QuantizedKVCache's logits
+    step by step, and holds codes for all its positions."""
+    from duquant.modeling.kv_cache import StaticQuantizedKVCache
+
+    model = tiny_model(family)
+    quantize(model, QuantConfig(**SETTINGS[setting]), tokens, device="cpu", batch_size=2, progress=False)
+    growing = incremental_logits(model, tokens, 7, QuantizedKVCache(model))
+    static = StaticQuantizedKVCache(model, max_cache_len=tokens.shape[1] + 5)
+    steps = incremental_logits(model, tokens, 7, static)
+    assert torch.allclose(steps, growing, atol=1e-5, rtol=1e-5)
+    layer = static.layers[0]
+    assert int(layer.cumulative_length) == tokens.shape[1]
+    codes = layer.key_parts[0]
+    assert codes.dtype == torch.uint8 and codes.shape[-2] == tokens.shape[1] + 5
+    assert not codes[:, :, tokens.shape[1]:].any()  # the positions not written yet stay zero
+    head_dim = model.config.hidden_size // model.config.num_attention_heads
+    assert static.nbytes() < 2 * len(static.layers) * codes.shape[0] * codes.shape[1] * codes.shape[2] * head_dim * 4
+
+
+def test_greedy_generate_with_quantized_kv_matches_generate(tokens):
+    """graph_generate's loop on a W4A4KV4 model (static code cache) gives the tokens of
+    `model.generate` with QuantizedKVCache."""
+    from duquant.modeling.graph_generate import greedy_generate
+
+    model = tiny_model("qwen2")
+    quantize(model, QuantConfig.from_preset("quarot", method="quarot", weight_quantizer="rtn"), None, device="cpu",
+             progress=False)
+    prompt = tokens[:2, :6]
+    want = model.generate(input_ids=prompt, max_new_tokens=10, do_sample=False, eos_token_id=None, pad_token_id=0,
+                          past_key_values=QuantizedKVCache(model))
+    got = greedy_generate(model, prompt, 10)
+    assert torch.equal(got.ids, want)

@@ -142,7 +142,7 @@ def build_parser(quantize_defaults: dict | None = None) -> argparse.ArgumentPars
     g.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
     g.add_argument("--no-cuda-graph", action="store_true",
                    help="decode with transformers' generate (eager steps) instead of replaying one CUDA graph "
-                        "per token (the default on CUDA; models with a quantized KV cache always use generate)")
+                        "per token (the default on CUDA; a model with quantized K/V keeps its codes in a static cache)")
     _add_backend_args(g)
     _add_runtime_args(g)
 

@@ -179,12 +179,11 @@ def generate_command(args: argparse.Namespace) -> int:
         text = args.prompt
     inputs = tokenizer(text, return_tensors="pt").to(device)
     prompt = inputs.input_ids.shape[1]
-    quantized_kv = has_quantized_kv(model)
-    if quantized_kv or args.no_cuda_graph or inputs.input_ids.device.type != "cuda":
+    if args.no_cuda_graph or inputs.input_ids.device.type != "cuda":
         # A model with quantized K/V generates from a cache that holds the quantized codes.
-        cache = {"past_key_values": QuantizedKVCache(model)} if quantized_kv else {}
+        cache = {"past_key_values": QuantizedKVCache(model)} if has_quantized_kv(model) else {}
         output = model.generate(**inputs, max_new_tokens=args.max_new_tokens, do_sample=False, **cache)
-    else:  # one CUDA graph replayed per token: the decode steps without their host overhead
+    else:  # one CUDA graph replayed per token (K/V codes in a static cache where quantized)
         eos = model.generation_config.eos_token_id
         eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
         result = greedy_generate(model, inputs.input_ids, args.max_new_tokens, eos)

@@ -38,7 +38,7 @@ from torch import nn
 
 from ..cuda_graphs import capture
 from ..kernels import ops
-from ..modeling.static_cache import cache_write_counters, rewind_cache
+from ..modeling.static_cache import cache_write_counters, rewind_cache, static_cache_for
 from .breakdown import breakdown_markdown, profile_breakdown
 from .output import write_results
 from .timing import (allocated_bytes, environment, environment_line, median_ms, peak_memory_bytes,
@@ -52,7 +52,8 @@ VARIANTS = {"bf16": None, "bf16_rope": {"bf16": True},
             "w4a4_fp8w_fused": {"prefill_weight": "fp8", "fuse": True, "join": True},
             "w4a4_fused_unjoined": {"prefill_weight": None, "fuse": True},
             "w4a4_fused_stock_rope": {"prefill_weight": None, "fuse": True, "join": True, "rope": False},
-            "w4a4_fused_pdl": {"prefill_weight": None, "fuse": True, "join": True, "pdl": True}}
+            "w4a4_fused_pdl": {"prefill_weight": None, "fuse": True, "join": True, "pdl": True},
+            "w4a4_fused_qkv4": {"prefill_weight": None, "fuse": True, "join": True, "qkv4": True}}
 DEFAULT_VARIANTS = {"layer": ["bf16", "w4a4", "w4a4_fp8w", "w4a4_fp8w_fused"],
                     "e2e": ["bf16", "bf16_rope", "w4a4", "w4a4_fused"]}
 
@@ -114,7 +115,7 @@ def _random_quant_linear(lin: nn.Linear, transform, device: torch.device, gen: t
 
 
 def make_w4a4(model: nn.Module, seed: int = 0, prefill_weight: str | None = None, fuse: bool = False,
-              join: bool = False, rope: bool | None = None) -> int:
+              join: bool = False, rope: bool | None = None, qkv4: bool = False) -> int:
     """Replace every nn.Linear inside the decoder layers by a RealQuantLinear with random
     4-bit codes and a DuQuant transform (R1 · P · R2, 128-blocks; q/k/v share one, gate/up
     another), one linear at a time, so each BF16 weight is freed as soon as it is
@@ -155,7 +156,22 @@ def make_w4a4(model: nn.Module, seed: int = 0, prefill_weight: str | None = None
         fuse_rotary(model)
     if join:
         join_sibling_decodes(model)
+    if qkv4:
+        _quantize_attention_operands(model)
     return linear_weight_bytes(model)
+
+
+def _quantize_attention_operands(model: nn.Module) -> None:
+    """Q/K/V per (token, head) at DuQuant's default bits and clips, after a head_dim Hadamard on Q/K."""
+    from duquant.config import QuantConfig
+    from duquant.methods.apply import install_attention_quantizer
+    from duquant.modeling.adapters import adapter_for
+    from duquant.modeling.attention import use_quantized_attention
+
+    adapter, config = adapter_for(model), QuantConfig(method="duquant")
+    for layer in adapter.decoder_layers(model):
+        install_attention_quantizer(layer, adapter, config)
+    use_quantized_attention(model)
 
 
 def _tensor_bytes(t: torch.Tensor | None) -> int:
@@ -248,17 +264,15 @@ def decode_inputs(model: nn.Module, batch: int, seq: int, e2e: bool,
 
 
 def fill_static_cache(model: nn.Module, prefix: torch.Tensor, chunk: int = PREFILL_CHUNK):
-    """A StaticCache holding the prefix [batch, seq, hidden] (fed in chunks of `chunk`
-    tokens), with room for one more token.
+    """A StaticCache (StaticQuantizedKVCache for a model with quantized K/V) holding the
+    prefix [batch, seq, hidden] (fed in chunks of `chunk` tokens), with room for one more token.
 
     transformers 5.x allocates the cache at its first update (so its batch size is the
     prefix's) and attends over all max_cache_len slots with a mask; the next token is
     written at slot seq, which must be < max_cache_len.
     """
-    from transformers import StaticCache
-
-    batch, seq, _ = prefix.shape
-    cache = StaticCache(config=model.config, max_cache_len=seq + 8)  # a slot for the step, padded to 8
+    seq = prefix.shape[1]
+    cache = static_cache_for(model, seq + 8)  # a slot for the step, padded to 8
     with torch.no_grad():
         for c0 in range(0, seq, chunk):
             pos = _positions(c0, min(chunk, seq - c0), prefix.device)

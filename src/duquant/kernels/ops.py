@@ -49,6 +49,12 @@ def transform_kernel(m: int, k: int) -> str:
     if TRANSFORM_KERNEL == "auto":
         return "rows" if m <= ROWS_MAX_M and k <= ROWS_MAX_K else "tiles"
     return TRANSFORM_KERNEL
+# The attention operands (Q, K, V per token and head: Hadamard + quantizer, KV-cache writes and
+# reads) run through triton_kv_quant on CUDA; DUQUANT_KV_KERNEL=0 keeps PyTorch's ops.
+KV_KERNEL = os.environ.get("DUQUANT_KV_KERNEL", "1") == "1"
+# A one-token step over a StaticQuantizedKVCache attends straight from the 4-bit codes
+# (triton_decode_attention); DUQUANT_DECODE_ATTENTION=0 dequantizes the cache and runs SDPA.
+DECODE_ATTENTION_KERNEL = os.environ.get("DUQUANT_DECODE_ATTENTION", "1") == "1"
 # Carrier of the prefill GEMM: "fp8" (cuBLAS _scaled_mm) or "int8" (Triton). Chosen from
 # results/kernels (the faster one on H100 at LLaMA-2-7B shapes).
 PREFILL_CARRIER = "fp8"
@@ -242,6 +248,91 @@ def fake_quantize_cast(y: torch.Tensor, spec: QuantSpec | None, dtype: torch.dty
     return fake_quantize(y.to(dtype), spec)
 
 
+def _kv_kernel(x: torch.Tensor, spec: QuantSpec | None, head_dim: int) -> bool:
+    if not (KV_KERNEL and spec is not None and use_triton(x)):
+        return False
+    from duquant.kernels import triton_kv_quant as kv
+    return kv.supported(head_dim, spec.bits, spec.group_size)
+
+
+def _hadamard_for(x: torch.Tensor, hadamard: bool) -> torch.Tensor | None:
+    """The ±1 matrix triton_kv_quant multiplies x by: in x's dtype if 16-bit (tensor cores), else float32."""
+    from duquant.transforms.hadamard import hadamard_on
+    dtype = x.dtype if x.dtype in (torch.float16, torch.bfloat16) else torch.float32
+    return hadamard_on(x.shape[-1], x.device, dtype) if hadamard else None
+
+
+def fake_quantize_heads(x: torch.Tensor, spec: QuantSpec | None, hadamard: bool) -> torch.Tensor:
+    """fake_quantize(apply_hadamard(x) if hadamard else x, spec) in x's dtype, one (scale, zero)
+    per (token, head) row of x [B, H, T, D]: the attention operands of the simulated forward."""
+    from duquant.transforms.hadamard import apply_hadamard
+
+    if x.dim() == 4 and x.dtype in _KV_DTYPES and _kv_kernel(x, spec, x.shape[-1]):
+        from duquant.kernels import triton_kv_quant as kv
+        return kv.fake_quantize_heads(x, _hadamard_for(x, hadamard), spec.bits, spec.symmetric, spec.clip, MIN_SCALE)
+    return fake_quantize_cast(apply_hadamard(x) if hadamard else x, spec, x.dtype)
+
+
+def store_row_codes(x: torch.Tensor, spec: QuantSpec | None, hadamard: bool, parts: tuple[torch.Tensor, ...],
+                    position: torch.Tensor) -> None:
+    """Write `encode_rows` of x [B, H, T, D] (after the Hadamard) into the cache tensors `parts`
+    ([B, H, L, ·], dim 2 the position) at positions position … position + T − 1; position is a
+    0-d device tensor (read on the device: a CUDA graph replays the next step)."""
+    from duquant.quant.row_codes import encode_rows
+    from duquant.transforms.hadamard import apply_hadamard
+
+    if x.dim() == 4 and x.dtype in _KV_DTYPES and _kv_kernel(x, spec, x.shape[-1]):
+        from duquant.kernels import triton_kv_quant as kv
+        kv.store_row_codes(x, _hadamard_for(x, hadamard), *parts, position, spec.bits, spec.symmetric, spec.clip,
+                           MIN_SCALE)
+        return
+    at = torch.arange(x.shape[-2], device=position.device) + position
+    for part, new in zip(parts, encode_rows(apply_hadamard(x) if hadamard else x, spec)):
+        part.index_copy_(2, at, new)
+
+
+def load_row_codes(parts: tuple[torch.Tensor, ...], spec: QuantSpec | None, head_dim: int,
+                   dtype: torch.dtype) -> torch.Tensor:
+    """The values [B, H, L, head_dim] of cache tensors written by `store_row_codes` (`decode_rows`)."""
+    from duquant.quant.row_codes import decode_rows
+
+    if _kv_kernel(parts[0], spec, head_dim):
+        from duquant.kernels import triton_kv_quant as kv
+        return kv.dequantize_row_codes(*parts, spec.bits, head_dim, dtype)
+    return decode_rows(parts, spec, dtype)
+
+
+_KV_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def decode_attention_supported(x: torch.Tensor, k_spec: QuantSpec | None, v_spec: QuantSpec | None) -> bool:
+    """Whether `decode_attention` can serve the step whose new keys are x [B, H, 1, D]."""
+    if not (DECODE_ATTENTION_KERNEL and x.dim() == 4 and x.shape[-2] == 1 and x.dtype in _KV_DTYPES):
+        return False
+    if not (_kv_kernel(x, k_spec, x.shape[-1]) and _kv_kernel(x, v_spec, x.shape[-1])):
+        return False
+    from duquant.kernels import triton_decode_attention as da
+    return all(da.supported(x.shape[-1], spec.bits, spec.group_size) for spec in (k_spec, v_spec))
+
+
+def decode_attention(query: torch.Tensor, key_parts: tuple[torch.Tensor, ...], value_parts: tuple[torch.Tensor, ...],
+                     mask: torch.Tensor | None, scaling: float | None, options: dict) -> torch.Tensor | None:
+    """Attention of one query token [B, Hq, 1, D] over a static 4-bit KV cache (the codes of
+    `store_row_codes`), as transformers' attention functions return it ([B, 1, Hq, D]); None
+    when the call is not one the kernel serves (a mask that is not a boolean [B|1, 1, 1, L],
+    soft-capping, attention sinks, dropout): the caller dequantizes and runs SDPA."""
+    b, length = query.shape[0], key_parts[0].shape[2]
+    if query.shape[2] != 1 or query.dtype not in _KV_DTYPES or any(
+            options.get(name) for name in ("softcap", "s_aux", "dropout")):
+        return None
+    if mask is not None and not (mask.dtype == torch.bool and mask.dim() == 4 and mask.shape[1:] == (1, 1, length)
+                                 and mask.shape[0] in (1, b)):
+        return None
+    from duquant.kernels import triton_decode_attention as da
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    return da.decode_attention(query, key_parts, value_parts, mask, scale)
+
+
 def release_scratch() -> None:
     """Free the kernels' cached scratch buffers and split-K workspaces. They grow to the
     largest call and stay (so repeated calls and CUDA graphs allocate nothing); drop them
@@ -250,7 +341,8 @@ def release_scratch() -> None:
     import sys
 
     for module_name, cache in (("duquant.kernels.triton_transform", "_BUF"),
-                               ("duquant.kernels.triton_decode", "_GEMV_WS")):
+                               ("duquant.kernels.triton_decode", "_GEMV_WS"),
+                               ("duquant.kernels.triton_decode_attention", "_WORKSPACE")):
         module = sys.modules.get(module_name)  # not imported: nothing cached
         if module is not None:
             getattr(module, cache).clear()

@@ -21,11 +21,6 @@ from ..transforms.hadamard import apply_hadamard
 ATTENTION_NAME = "duquant"
 
 
-def _fake_quantize(x: torch.Tensor, spec: QuantSpec | None) -> torch.Tensor:
-    """fake_quantize(x, spec), as one kernel on CUDA (`ops.fake_quantize_cast`, bit-exact)."""
-    return ops.fake_quantize_cast(x, spec, x.dtype)
-
-
 class AttentionQuantizer(nn.Module):
     """What to do with Q, K, V of one attention module (no parameters of its own)."""
 
@@ -38,26 +33,32 @@ class AttentionQuantizer(nn.Module):
     def rotate_qk(self, x: torch.Tensor) -> torch.Tensor:
         return apply_hadamard(x) if self.qk_hadamard else x
 
+    # Shapes [batch, heads, tokens, head_dim]: a row of the last dim is one (token, head).
+    # Hadamard and quantizer run as one kernel on CUDA (ops.fake_quantize_heads).
+    def quantize_query(self, query: torch.Tensor) -> torch.Tensor:
+        return ops.fake_quantize_heads(query, self.q_spec, self.qk_hadamard)
+
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor):
-        # Shapes [batch, heads, tokens, head_dim]: a row of the last dim is one (token, head).
-        query = _fake_quantize(self.rotate_qk(query), self.q_spec)
-        if not self._take_from_cache(key, value):
-            key = _fake_quantize(self.rotate_qk(key), self.k_spec)
-            value = _fake_quantize(value, self.v_spec)
-        return query, key, value
+        if self.take_from_cache(key, value) is None:
+            key = ops.fake_quantize_heads(key, self.k_spec, self.qk_hadamard)
+            value = ops.fake_quantize_heads(value, self.v_spec, False)
+        return self.quantize_query(query), key, value
 
     # --- hand-over from a quantized KV cache (modeling/kv_cache.py) -----------------------
-    # A QuantizedKVCache rotates and quantizes K and V itself when it stores them; it hands
+    # A quantized KV cache rotates and quantizes K and V itself when it stores them; it hands
     # the exact tensors it returns to this quantizer, which then must not rotate or quantize
     # them a second time. Identity (`is`), not equality, so no other tensor is ever skipped.
-    _from_cache: tuple[torch.Tensor, torch.Tensor] | None = None
+    # A static cache at a one-token step may hand stand-ins instead, with itself as
+    # `undecoded`: the attention then reads its codes directly (`quantized_attention`).
+    _from_cache: tuple | None = None
 
-    def expect_from_cache(self, key: torch.Tensor, value: torch.Tensor) -> None:
-        self._from_cache = (key, value)
+    def expect_from_cache(self, key: torch.Tensor, value: torch.Tensor, undecoded=None) -> None:
+        self._from_cache = (key, value, undecoded)
 
-    def _take_from_cache(self, key: torch.Tensor, value: torch.Tensor) -> bool:
+    def take_from_cache(self, key: torch.Tensor, value: torch.Tensor) -> tuple | None:
+        """(key, value, undecoded) if the cache handed exactly these tensors over, else None."""
         handed, self._from_cache = self._from_cache, None  # dropped at once: the cache owns the memory
-        return handed is not None and handed[0] is key and handed[1] is value
+        return handed if handed is not None and handed[0] is key and handed[1] is value else None
 
     def extra_repr(self) -> str:
         bits = lambda s: 16 if s is None else s.bits  # noqa: E731
@@ -66,8 +67,18 @@ class AttentionQuantizer(nn.Module):
 
 def quantized_attention(module: nn.Module, query, key, value, attention_mask, **kwargs):
     quantizer = getattr(module, "qkv_quantizer", None)
-    if quantizer is not None:
-        query, key, value = quantizer(query, key, value)
+    if quantizer is None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    handed = quantizer.take_from_cache(key, value)
+    query = quantizer.quantize_query(query)
+    if handed is None:  # K and V as the projections made them: quantize them here
+        key = ops.fake_quantize_heads(key, quantizer.k_spec, quantizer.qk_hadamard)
+        value = ops.fake_quantize_heads(value, quantizer.v_spec, False)
+    elif handed[2] is not None:  # a static cache kept this step's K/V as codes only
+        out = handed[2].attend(query, attention_mask, kwargs)
+        if out is not None:
+            return out, None
+        key, value = handed[2].read()
     return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
 
 

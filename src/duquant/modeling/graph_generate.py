@@ -9,8 +9,9 @@ further token. The cache's write position and the position tensor advance on the
 every replay is the next step. Without CUDA (or with `use_graph=False`) the same loop runs
 eagerly, which is what the CPU tests check against `model.generate`.
 
-Greedy decoding only (the `duquant generate` command decodes greedily); a model whose K/V
-live in a `QuantizedKVCache` keeps `model.generate` (that cache is not a static one).
+A model that quantizes K/V decodes from a `StaticQuantizedKVCache`: the codes of
+`QuantizedKVCache` in fixed buffers, so its tokens are `model.generate`'s with that cache.
+Greedy decoding only (the `duquant generate` command decodes greedily).
 """
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ import torch
 from torch import nn
 
 from ..cuda_graphs import capture
-from .static_cache import cache_write_counters, rewind_cache
+from .static_cache import cache_write_counters, rewind_cache, static_cache_for
 
 log = logging.getLogger(__name__)
 _WARMUP = 3  # eager steps before capture (cuBLAS workspaces, Triton compilation, lazy init)
@@ -42,11 +43,9 @@ def greedy_generate(model: nn.Module, input_ids: torch.Tensor, max_new_tokens: i
     """Greedy continuation of `input_ids` [batch, prompt] (no padding: every row has the same
     length). Sequences that reach an EOS token keep emitting it while others go on, as
     `model.generate` pads them; the loop ends when all have stopped or after max_new_tokens."""
-    from transformers import StaticCache
-
-    batch, prompt = input_ids.shape
+    prompt = input_ids.shape[1]
     device = input_ids.device
-    cache = StaticCache(config=model.config, max_cache_len=prompt + max_new_tokens + 8)
+    cache = static_cache_for(model, prompt + max_new_tokens + 8)
     positions = torch.arange(prompt, device=device)
     logits = model(input_ids=input_ids, past_key_values=cache, position_ids=positions[None],
                    cache_position=positions, use_cache=True).logits

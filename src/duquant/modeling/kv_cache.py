@@ -14,15 +14,22 @@ full-sequence forward (perplexity evaluation) sees. Reading dequantizes the stor
 hands those tensors to the AttentionQuantizer, which then skips its own K/V step.
 
 Usage: `model.generate(..., past_key_values=QuantizedKVCache(model))`.
+
+`StaticQuantizedKVCache` holds the same codes in buffers allocated once for a fixed number of
+tokens and written in place at a position kept on the device, like transformers'
+`StaticCache`: a decode step then has fixed shapes and addresses and can be recorded as a
+CUDA graph (`graph_generate`). Each step still dequantizes the whole buffer (also its unwritten
+rows, which read as zeros and are masked), as `QuantizedKVCache` dequantizes all it holds.
 """
 from __future__ import annotations
 
 import torch
 from torch import nn
-from transformers.cache_utils import Cache, CacheLayerMixin
+from transformers.cache_utils import Cache, CacheLayerMixin, StaticLayer
 
-from ..quant.packing import pack_codes, unpack_codes
-from ..quant.quantizer import QuantSpec, compute_qparams, dequantize, quantize
+from ..kernels import ops
+from ..quant.quantizer import QuantSpec
+from ..quant.row_codes import decode_rows, encode_rows, zero_rows
 from .adapters import adapter_for
 from .attention import AttentionQuantizer
 
@@ -34,21 +41,12 @@ class QuantizedRows:
         self.spec = spec
         self.parts: tuple[torch.Tensor, ...] = ()  # (packed codes, scale, zero) or (values,)
 
-    def _encode(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        if self.spec is None:
-            return (x,)
-        scale, zero = compute_qparams(x, self.spec)  # one (scale, zero) per row: per (token, head)
-        return pack_codes(quantize(x, scale, zero, self.spec), self.spec.bits), scale, zero
-
     def append(self, x: torch.Tensor) -> None:
-        new = self._encode(x)
+        new = encode_rows(x, self.spec)
         self.parts = new if not self.parts else tuple(torch.cat((a, b), dim=-2) for a, b in zip(self.parts, new))
 
     def read(self, dtype: torch.dtype) -> torch.Tensor:
-        if self.spec is None:
-            return self.parts[0]
-        packed, scale, zero = self.parts
-        return dequantize(unpack_codes(packed, self.spec.bits), scale, zero, 0, dtype)
+        return decode_rows(self.parts, self.spec, dtype)
 
     def map(self, fn) -> None:
         """Apply a token/batch selection (crop, beam reorder) to every stored part."""
@@ -129,18 +127,96 @@ class QuantizedKVCache(Cache):
     """One QuantizedKVLayer per decoder layer of a model quantized by duquant."""
 
     def __init__(self, model: nn.Module) -> None:
-        adapter = adapter_for(model)
-        layers = []
-        for index, layer in enumerate(adapter.decoder_layers(model)):
-            quantizer = getattr(layer.get_submodule(adapter.attention), "qkv_quantizer", None)
-            if quantizer is None:
-                raise ValueError(f"decoder layer {index} has no AttentionQuantizer: quantize the model first")
-            layers.append(QuantizedKVLayer(quantizer))
-        super().__init__(layers=layers)
+        super().__init__(layers=[QuantizedKVLayer(quantizer) for quantizer in _attention_quantizers(model)])
 
     def nbytes(self) -> int:
         """Bytes the cache holds (codes, scales and zero points)."""
         return sum(layer.stored_keys.nbytes() + layer.stored_values.nbytes() for layer in self.layers)
+
+
+class StaticQuantizedKVLayer(StaticLayer):
+    """`QuantizedKVLayer` in preallocated buffers for `max_cache_len` tokens. As in
+    transformers' StaticLayer, the write position `cumulative_length` is a device tensor that
+    every update advances in place, and the mask covers all `max_cache_len` positions (the
+    causal mask hides those not written yet)."""
+
+    def __init__(self, max_cache_len: int, quantizer: AttentionQuantizer) -> None:
+        super().__init__(max_cache_len)
+        self.quantizer = quantizer
+        self.key_parts: tuple[torch.Tensor, ...] = ()
+        self.value_parts: tuple[torch.Tensor, ...] = ()
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        """Zeroed buffers for max_cache_len rows (zero codes with zero scale read as 0: no NaN
+        reaches the masked positions)."""
+        self.dtype, self.device = key_states.dtype, key_states.device
+        self.batch_size, self.num_heads = key_states.shape[:2]
+        self.k_head_dim, self.v_head_dim = key_states.shape[-1], value_states.shape[-1]
+        shape = (self.batch_size, self.num_heads, self.max_cache_len)
+        self.key_parts = zero_rows(*shape, self.k_head_dim, self.quantizer.k_spec, self.dtype, self.device)
+        self.value_parts = zero_rows(*shape, self.v_head_dim, self.quantizer.v_spec, self.dtype, self.device)
+        self.cumulative_length = self.cumulative_length.to(self.device)
+        self.is_initialized = True
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        quantizer = self.quantizer
+        # Written at the current position, which then advances (all on the device).
+        ops.store_row_codes(key_states, quantizer.k_spec, quantizer.qk_hadamard, self.key_parts,
+                            self.cumulative_length)
+        ops.store_row_codes(value_states, quantizer.v_spec, False, self.value_parts, self.cumulative_length)
+        self.cumulative_length.add_(key_states.shape[-2])
+        if ops.decode_attention_supported(key_states, quantizer.k_spec, quantizer.v_spec):
+            # One new token: the attention reads the codes (`attend`); hand over stand-ins.
+            keys, values = self.key_parts[0], self.value_parts[0]
+            quantizer.expect_from_cache(keys, values, undecoded=self)
+            return keys, values
+        keys, values = self.read()
+        quantizer.expect_from_cache(keys, values)
+        return keys, values
+
+    def read(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values of all max_cache_len positions, dequantized to the model dtype."""
+        quantizer = self.quantizer
+        return (ops.load_row_codes(self.key_parts, quantizer.k_spec, self.k_head_dim, self.dtype),
+                ops.load_row_codes(self.value_parts, quantizer.v_spec, self.v_head_dim, self.dtype))
+
+    def attend(self, query: torch.Tensor, mask: torch.Tensor | None, options: dict) -> torch.Tensor | None:
+        """Attention of one query token over the codes (`ops.decode_attention`), or None when that
+        kernel does not serve this call."""
+        return ops.decode_attention(query, self.key_parts, self.value_parts, mask, options.get("scaling"), options)
+
+    def reset(self) -> None:
+        for buffer in self.key_parts + self.value_parts:
+            buffer.zero_()
+        self.cumulative_length.zero_()
+
+    def nbytes(self) -> int:
+        return sum(p.numel() * p.element_size() for p in self.key_parts + self.value_parts)
+
+
+class StaticQuantizedKVCache(Cache):
+    """`QuantizedKVCache` with fixed-size buffers (`StaticQuantizedKVLayer`), for CUDA-graph decoding."""
+
+    def __init__(self, model: nn.Module, max_cache_len: int) -> None:
+        super().__init__(layers=[StaticQuantizedKVLayer(max_cache_len, quantizer)
+                                 for quantizer in _attention_quantizers(model)])
+
+    def nbytes(self) -> int:
+        """Bytes the cache holds (codes, scales and zero points of all max_cache_len positions)."""
+        return sum(layer.nbytes() for layer in self.layers)
+
+
+def _attention_quantizers(model: nn.Module) -> list[AttentionQuantizer]:
+    adapter = adapter_for(model)
+    quantizers = []
+    for index, layer in enumerate(adapter.decoder_layers(model)):
+        quantizer = getattr(layer.get_submodule(adapter.attention), "qkv_quantizer", None)
+        if quantizer is None:
+            raise ValueError(f"decoder layer {index} has no AttentionQuantizer: quantize the model first")
+        quantizers.append(quantizer)
+    return quantizers
 
 
 def has_quantized_kv(model: nn.Module) -> bool:

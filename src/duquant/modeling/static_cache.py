@@ -1,8 +1,21 @@
-"""The write position of transformers' StaticCache, for code that replays decode steps from a
-CUDA graph (the benchmarks, `graph_generate`)."""
+"""Static KV caches and their write position, for code that replays decode steps from a CUDA
+graph (the benchmarks, `graph_generate`)."""
 from __future__ import annotations
 
 import torch
+from torch import nn
+
+
+def static_cache_for(model: nn.Module, max_cache_len: int):
+    """transformers' StaticCache for `max_cache_len` tokens, or a StaticQuantizedKVCache (the
+    same write-position mechanics, K/V stored as codes) for a model that quantizes K or V."""
+    from transformers import StaticCache
+
+    from .kv_cache import StaticQuantizedKVCache, has_quantized_kv
+
+    if has_quantized_kv(model):
+        return StaticQuantizedKVCache(model, max_cache_len=max_cache_len)
+    return StaticCache(config=model.config, max_cache_len=max_cache_len)
 
 
 def cache_write_counters(cache) -> list[torch.Tensor]:

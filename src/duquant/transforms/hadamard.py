@@ -273,6 +273,13 @@ def _dense_on(n: int, transpose: bool, device: torch.device, dtype: torch.dtype)
     return (h.T if transpose else h).contiguous().to(device=device, dtype=dtype)
 
 
+@lru_cache(maxsize=16)
+def hadamard_on(n: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """The ±1 matrix H_n on `device` in `dtype` (exact in every dtype), built once per (n, device,
+    dtype): a kernel multiplies by it and scales by 1/√n afterwards."""
+    return hadamard_matrix(n, torch.float64).to(device=device, dtype=dtype)
+
+
 def _fwht(y: torch.Tensor) -> torch.Tensor:
     """Unnormalised Walsh–Hadamard transform of the last dim (a power of two): y @ S."""
     *lead, p = y.shape

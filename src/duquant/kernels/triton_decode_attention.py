@@ -1,0 +1,155 @@
+"""Decode attention straight from a 4-bit KV cache (split-K "flash decoding").
+
+One new token per sequence attends over the cache of `StaticQuantizedKVCache`: packed K and V
+codes with one float32 scale and zero point per (token, head) row. Dequantizing the whole cache
+to BF16 and running SDPA reads the codes, writes 4× their bytes and reads those again, 2.25× the
+traffic of a BF16 cache; this kernel reads the codes once, about 0.3× (codes + 8 bytes of scale
+and zero per 64 bytes of 128 codes).
+
+Stage 1, one program per (sequence, query head, split of the positions): for tiles of BLOCK_N
+positions, dequantize K (rounded to the model dtype, as the reference path's BF16 K is), scores
+q·k · scaling where the boolean mask allows (else −inf), an online softmax, and the V sum; it
+writes its running max, its sum of exponentials and its unnormalised output. Stage 2 merges the
+splits of each (sequence, head). Grouped-query attention: query head h reads KV head
+h // (Hq / Hkv). All arithmetic after the dequantization is float32 (SDPA's flash kernel rounds
+the probabilities to BF16 before P·V: expect differences of that order, not bit equality).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from duquant.kernels.triton_fake_quant import _INTERPRET
+
+BLOCK_N = 64  # positions per tile
+
+
+@triton.jit
+def _dequantized_tile(codes_ptr, scale_ptr, zero_ptr, row0, pos, pos_ok, D: tl.constexpr, OUT_DTYPE: tl.constexpr):
+    """Rows row0 + pos of a packed cache tensor as [BLOCK_N, D] float32 values (model-dtype rounded)."""
+    half = tl.arange(0, D // 2)
+    rows = row0 + pos.to(tl.int64)
+    packed = tl.load(codes_ptr + rows[:, None] * (D // 2) + half[None, :], mask=pos_ok[:, None], other=0)
+    codes = tl.reshape(tl.join(packed & 0x0F, packed >> 4), [pos.shape[0], D]).to(tl.float32)
+    scale = tl.load(scale_ptr + rows, mask=pos_ok, other=0.0)
+    zero = tl.load(zero_ptr + rows, mask=pos_ok, other=0.0)
+    return ((codes - zero[:, None]) * scale[:, None]).to(OUT_DTYPE).to(tl.float32)
+
+
+@triton.jit
+def _attend_tile(q, kc_ptr, ks_ptr, kz_ptr, vc_ptr, vs_ptr, vz_ptr, mask_stride, mask_row, row0, pos, pos_ok,
+                 m, s_exp, acc, scaling, D: tl.constexpr, HAS_MASK: tl.constexpr, OUT_DTYPE: tl.constexpr):
+    """One tile of positions into the running (max, sum of exponentials, unnormalised output)."""
+    if HAS_MASK:
+        pos_ok = pos_ok & (tl.load(mask_row + pos.to(tl.int64) * mask_stride, mask=pos_ok, other=0) != 0)
+    k = _dequantized_tile(kc_ptr, ks_ptr, kz_ptr, row0, pos, pos_ok, D, OUT_DTYPE)
+    scores = tl.where(pos_ok, tl.sum(k * q[None, :], axis=1) * scaling, float("-inf"))
+    m_new = tl.maximum(m, tl.max(scores, axis=0))
+    m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # all masked so far: no (−inf) − (−inf)
+    p = tl.exp(scores - m_ref)
+    decay = tl.exp(m - m_ref)
+    v = _dequantized_tile(vc_ptr, vs_ptr, vz_ptr, row0, pos, pos_ok, D, OUT_DTYPE)
+    return m_new, s_exp * decay + tl.sum(p, axis=0), acc * decay + tl.sum(p[:, None] * v, axis=0)
+
+
+@triton.jit
+def decode_attention_split_kernel(q_ptr, kc_ptr, ks_ptr, kz_ptr, vc_ptr, vs_ptr, vz_ptr, mask_ptr,
+                                  m_ptr, l_ptr, acc_ptr, HQ, GROUP, HKV, L, CHUNK, TILES, SPLITS,
+                                  sqb, sqh, smb, sml, scaling,
+                                  D: tl.constexpr, BLOCK_N: tl.constexpr, HAS_MASK: tl.constexpr,
+                                  OUT_DTYPE: tl.constexpr):
+    bh = tl.program_id(0)  # b · HQ + h
+    split = tl.program_id(1)
+    b = bh // HQ
+    h = bh % HQ
+    d = tl.arange(0, D)
+    q = tl.load(q_ptr + b.to(tl.int64) * sqb + h * sqh + d).to(tl.float32)
+    row0 = (b.to(tl.int64) * HKV + h // GROUP) * L
+    mask_row = mask_ptr + b.to(tl.int64) * smb
+    m = tl.full([1], float("-inf"), tl.float32)
+    s_exp = tl.zeros([1], tl.float32)
+    acc = tl.zeros([D], tl.float32)
+    start = split * CHUNK  # TILES = CHUNK / BLOCK_N tiles; those past L are fully masked (last split)
+    if _INTERPRET:  # Triton 3.6's interpreter cannot run `range` over a runtime bound
+        tile = 0
+        while tile < TILES:
+            pos = start + tile * BLOCK_N + tl.arange(0, BLOCK_N)
+            m, s_exp, acc = _attend_tile(q, kc_ptr, ks_ptr, kz_ptr, vc_ptr, vs_ptr, vz_ptr, sml, mask_row, row0, pos,
+                                         pos < L, m, s_exp, acc, scaling, D, HAS_MASK, OUT_DTYPE)
+            tile += 1
+    else:
+        for tile in range(0, TILES):
+            pos = start + tile * BLOCK_N + tl.arange(0, BLOCK_N)
+            m, s_exp, acc = _attend_tile(q, kc_ptr, ks_ptr, kz_ptr, vc_ptr, vs_ptr, vz_ptr, sml, mask_row, row0, pos,
+                                         pos < L, m, s_exp, acc, scaling, D, HAS_MASK, OUT_DTYPE)
+    part = bh.to(tl.int64) * SPLITS + split
+    tl.store(m_ptr + part + tl.arange(0, 1), m)
+    tl.store(l_ptr + part + tl.arange(0, 1), s_exp)
+    tl.store(acc_ptr + part * D + d, acc)
+
+
+@triton.jit
+def decode_attention_merge_kernel(m_ptr, l_ptr, acc_ptr, out_ptr, HQ, SPLITS, sob, soh,
+                                  D: tl.constexpr, BLOCK_S: tl.constexpr):
+    bh = tl.program_id(0)
+    s = tl.arange(0, BLOCK_S)
+    ok = s < SPLITS
+    base = bh.to(tl.int64) * SPLITS
+    m = tl.load(m_ptr + base + s, mask=ok, other=float("-inf"))
+    m_all = tl.max(m, axis=0)
+    m_ref = tl.where(m_all == float("-inf"), 0.0, m_all)
+    w = tl.where(ok, tl.exp(m - m_ref), 0.0)
+    total = tl.sum(w * tl.load(l_ptr + base + s, mask=ok, other=0.0), axis=0)
+    d = tl.arange(0, D)
+    acc = tl.load(acc_ptr + (base + s)[:, None] * D + d[None, :], mask=ok[:, None], other=0.0)
+    out = tl.sum(w[:, None] * acc, axis=0) / total  # a fully masked row gives NaN, as SDPA does
+    b = bh // HQ
+    h = bh % HQ
+    tl.store(out_ptr + b.to(tl.int64) * sob + h * soh + d, out.to(out_ptr.dtype.element_ty))
+
+
+def supported(head_dim: int, bits: int, group_size: int) -> bool:
+    """Packed (≤ 4-bit) per-row codes, a power-of-two head_dim from 16 to 256."""
+    return bits <= 4 and group_size == 0 and 16 <= head_dim <= 256 and head_dim & (head_dim - 1) == 0
+
+
+_TL_DTYPES = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32}
+_WORKSPACE: dict[tuple, tuple[torch.Tensor, ...]] = {}
+
+
+def _splits(programs: int, length: int, device: torch.device) -> int:
+    """Enough splits for ~4 programs per SM, each at least one tile long."""
+    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
+    return max(1, min(triton.cdiv(4 * sms, programs), triton.cdiv(length, BLOCK_N)))
+
+
+def decode_attention(query: torch.Tensor, key_parts: tuple[torch.Tensor, ...], value_parts: tuple[torch.Tensor, ...],
+                     mask: torch.Tensor | None, scaling: float) -> torch.Tensor:
+    """softmax(q·Kᵀ·scaling, masked)·V for query [B, Hq, 1, D] over a StaticQuantizedKVCache layer's
+    (packed codes [B, Hkv, L, D/2], scale, zero [B, Hkv, L, 1]) for K and V; mask bool
+    [B or 1, 1, 1, L] (True: attend) or None (all positions). Returns [B, 1, Hq, D] (the layout
+    transformers' attention functions return), in query's dtype."""
+    b, hq, _, d = query.shape
+    hkv, length = key_parts[0].shape[1], key_parts[0].shape[2]
+    splits = _splits(b * hq, length, query.device)
+    key = (b * hq, splits, d, query.device)
+    if key not in _WORKSPACE:  # reused: repeated calls and CUDA graphs allocate nothing
+        _WORKSPACE[key] = (torch.empty(b * hq * splits, device=query.device),
+                           torch.empty(b * hq * splits, device=query.device),
+                           torch.empty(b * hq * splits * d, device=query.device))
+    m, s_exp, acc = _WORKSPACE[key]
+    chunk = triton.cdiv(triton.cdiv(length, splits), BLOCK_N) * BLOCK_N  # positions per split
+    out = torch.empty(b, 1, hq, d, dtype=query.dtype, device=query.device)
+    if mask is not None:
+        smb, sml = (mask.stride(0) if mask.shape[0] > 1 else 0), mask.stride(3)
+    else:
+        smb = sml = 0
+    decode_attention_split_kernel[(b * hq, splits)](
+        query, *key_parts, *value_parts, query if mask is None else mask, m, s_exp, acc, hq, hq // hkv, hkv, length,
+        chunk, chunk // BLOCK_N, splits, query.stride(0), query.stride(1),
+        smb, sml, float(scaling), D=d, BLOCK_N=BLOCK_N, HAS_MASK=mask is not None,
+        OUT_DTYPE=_TL_DTYPES[query.dtype], num_warps=4)
+    decode_attention_merge_kernel[(b * hq,)](m, s_exp, acc, out, hq, splits, out.stride(0), out.stride(2), D=d,
+                                             BLOCK_S=max(2, triton.next_power_of_2(splits)), num_warps=4)
+    return out
