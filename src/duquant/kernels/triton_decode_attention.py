@@ -16,6 +16,8 @@ the probabilities to BF16 before P·V: expect differences of that order, not bit
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -79,7 +81,7 @@ def decode_attention_split_kernel(q_ptr, kc_ptr, ks_ptr, kz_ptr, vc_ptr, vs_ptr,
                                          pos < L, m, s_exp, acc, scaling, D, HAS_MASK, OUT_DTYPE)
             tile += 1
     else:
-        for tile in range(0, TILES):
+        for tile in range(TILES):
             pos = start + tile * BLOCK_N + tl.arange(0, BLOCK_N)
             m, s_exp, acc = _attend_tile(q, kc_ptr, ks_ptr, kz_ptr, vc_ptr, vs_ptr, vz_ptr, sml, mask_row, row0, pos,
                                          pos < L, m, s_exp, acc, scaling, D, HAS_MASK, OUT_DTYPE)
@@ -118,10 +120,14 @@ _TL_DTYPES = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.floa
 _WORKSPACE: dict[tuple, tuple[torch.Tensor, ...]] = {}
 
 
+@functools.lru_cache(maxsize=8)
+def _sm_count(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
+
+
 def _splits(programs: int, length: int, device: torch.device) -> int:
     """Enough splits for ~4 programs per SM, each at least one tile long."""
-    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
-    return max(1, min(triton.cdiv(4 * sms, programs), triton.cdiv(length, BLOCK_N)))
+    return max(1, min(triton.cdiv(4 * _sm_count(device), programs), triton.cdiv(length, BLOCK_N)))
 
 
 def decode_attention(query: torch.Tensor, key_parts: tuple[torch.Tensor, ...], value_parts: tuple[torch.Tensor, ...],

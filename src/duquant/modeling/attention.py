@@ -38,8 +38,9 @@ class AttentionQuantizer(nn.Module):
     def quantize_query(self, query: torch.Tensor) -> torch.Tensor:
         return ops.fake_quantize_heads(query, self.q_spec, self.qk_hadamard)
 
-    def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor):
-        if self.take_from_cache(key, value) is None:
+    def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, from_cache: bool = False):
+        """Q, K, V as the attention sees them; K and V as they are when a quantized cache made them."""
+        if not from_cache:
             key = ops.fake_quantize_heads(key, self.k_spec, self.qk_hadamard)
             value = ops.fake_quantize_heads(value, self.v_spec, False)
         return self.quantize_query(query), key, value
@@ -70,15 +71,15 @@ def quantized_attention(module: nn.Module, query, key, value, attention_mask, **
     if quantizer is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
     handed = quantizer.take_from_cache(key, value)
-    query = quantizer.quantize_query(query)
-    if handed is None:  # K and V as the projections made them: quantize them here
-        key = ops.fake_quantize_heads(key, quantizer.k_spec, quantizer.qk_hadamard)
-        value = ops.fake_quantize_heads(value, quantizer.v_spec, False)
-    elif handed[2] is not None:  # a static cache kept this step's K/V as codes only
-        out = handed[2].attend(query, attention_mask, kwargs)
+    undecoded = handed[2] if handed is not None else None
+    if undecoded is None:
+        query, key, value = quantizer(query, key, value, from_cache=handed is not None)
+    else:  # a static cache kept this step's K/V as codes only: attend from them
+        query = quantizer.quantize_query(query)
+        out = undecoded.attend(query, attention_mask, kwargs)
         if out is not None:
             return out, None
-        key, value = handed[2].read()
+        key, value = undecoded.read()
     return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
 
 

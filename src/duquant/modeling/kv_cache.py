@@ -18,8 +18,9 @@ Usage: `model.generate(..., past_key_values=QuantizedKVCache(model))`.
 `StaticQuantizedKVCache` holds the same codes in buffers allocated once for a fixed number of
 tokens and written in place at a position kept on the device, like transformers'
 `StaticCache`: a decode step then has fixed shapes and addresses and can be recorded as a
-CUDA graph (`graph_generate`). Each step still dequantizes the whole buffer (also its unwritten
-rows, which read as zeros and are masked), as `QuantizedKVCache` dequantizes all it holds.
+CUDA graph (`graph_generate`). A one-token step on CUDA attends straight from the codes
+(`kernels/triton_decode_attention`); otherwise the whole buffer is dequantized (its unwritten rows
+read as zeros and are masked), as `QuantizedKVCache` dequantizes all it holds.
 """
 from __future__ import annotations
 
