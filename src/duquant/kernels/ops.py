@@ -248,11 +248,19 @@ def fake_quantize_cast(y: torch.Tensor, spec: QuantSpec | None, dtype: torch.dty
     return fake_quantize(y.to(dtype), spec)
 
 
+_KV_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
 def _kv_kernel(x: torch.Tensor, spec: QuantSpec | None, head_dim: int) -> bool:
     if not (KV_KERNEL and spec is not None and use_triton(x)):
         return False
     from duquant.kernels import triton_kv_quant as kv
     return kv.supported(head_dim, spec.bits, spec.group_size)
+
+
+def _heads_kernel(x: torch.Tensor, spec: QuantSpec | None) -> bool:
+    """Whether triton_kv_quant quantizes x [B, H, T, D] (model dtype) with `spec`."""
+    return x.dim() == 4 and x.dtype in _KV_DTYPES and _kv_kernel(x, spec, x.shape[-1])
 
 
 def _hadamard_for(x: torch.Tensor, hadamard: bool) -> torch.Tensor | None:
@@ -267,7 +275,7 @@ def fake_quantize_heads(x: torch.Tensor, spec: QuantSpec | None, hadamard: bool)
     per (token, head) row of x [B, H, T, D]: the attention operands of the simulated forward."""
     from duquant.transforms.hadamard import apply_hadamard
 
-    if x.dim() == 4 and x.dtype in _KV_DTYPES and _kv_kernel(x, spec, x.shape[-1]):
+    if _heads_kernel(x, spec):
         from duquant.kernels import triton_kv_quant as kv
         return kv.fake_quantize_heads(x, _hadamard_for(x, hadamard), spec.bits, spec.symmetric, spec.clip, MIN_SCALE)
     return fake_quantize_cast(apply_hadamard(x) if hadamard else x, spec, x.dtype)
@@ -281,7 +289,7 @@ def store_row_codes(x: torch.Tensor, spec: QuantSpec | None, hadamard: bool, par
     from duquant.quant.row_codes import encode_rows
     from duquant.transforms.hadamard import apply_hadamard
 
-    if x.dim() == 4 and x.dtype in _KV_DTYPES and _kv_kernel(x, spec, x.shape[-1]):
+    if _heads_kernel(x, spec):
         from duquant.kernels import triton_kv_quant as kv
         kv.store_row_codes(x, _hadamard_for(x, hadamard), *parts, position, spec.bits, spec.symmetric, spec.clip,
                            MIN_SCALE)
@@ -302,14 +310,11 @@ def load_row_codes(parts: tuple[torch.Tensor, ...], spec: QuantSpec | None, head
     return decode_rows(parts, spec, dtype)
 
 
-_KV_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-
-
 def decode_attention_supported(x: torch.Tensor, k_spec: QuantSpec | None, v_spec: QuantSpec | None) -> bool:
     """Whether `decode_attention` can serve the step whose new keys are x [B, H, 1, D]."""
-    if not (DECODE_ATTENTION_KERNEL and x.dim() == 4 and x.shape[-2] == 1 and x.dtype in _KV_DTYPES):
+    if not (DECODE_ATTENTION_KERNEL and x.dim() == 4 and x.shape[-2] == 1):
         return False
-    if not (_kv_kernel(x, k_spec, x.shape[-1]) and _kv_kernel(x, v_spec, x.shape[-1])):
+    if not (_heads_kernel(x, k_spec) and _heads_kernel(x, v_spec)):
         return False
     from duquant.kernels import triton_decode_attention as da
     return all(da.supported(x.shape[-1], spec.bits, spec.group_size) for spec in (k_spec, v_spec))

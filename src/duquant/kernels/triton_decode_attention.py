@@ -23,6 +23,7 @@ import triton
 import triton.language as tl
 
 from duquant.kernels.triton_fake_quant import _INTERPRET
+from duquant.kernels.triton_kv_quant import unpack_nibbles
 
 BLOCK_N = 64  # positions per tile
 
@@ -33,7 +34,7 @@ def _dequantized_tile(codes_ptr, scale_ptr, zero_ptr, row0, pos, pos_ok, D: tl.c
     half = tl.arange(0, D // 2)
     rows = row0 + pos.to(tl.int64)
     packed = tl.load(codes_ptr + rows[:, None] * (D // 2) + half[None, :], mask=pos_ok[:, None], other=0)
-    codes = tl.reshape(tl.join(packed & 0x0F, packed >> 4), [pos.shape[0], D]).to(tl.float32)
+    codes = unpack_nibbles(packed, pos.shape[0], D).to(tl.float32)
     scale = tl.load(scale_ptr + rows, mask=pos_ok, other=0.0)
     zero = tl.load(zero_ptr + rows, mask=pos_ok, other=0.0)
     return ((codes - zero[:, None]) * scale[:, None]).to(OUT_DTYPE).to(tl.float32)

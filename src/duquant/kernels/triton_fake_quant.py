@@ -51,16 +51,11 @@ def _over(v, d, inv_d, RECIPROCAL: tl.constexpr):
 
 
 @triton.jit
-def fake_quant_rows_kernel(y_ptr, out_ptr, M, K, stride_y, stride_o, clip, qmax, divisor, inv_divisor, min_scale,
-                           ROWS: tl.constexpr, BLOCK_K: tl.constexpr, SYMMETRIC: tl.constexpr,
-                           RECIPROCAL: tl.constexpr):
-    rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
-    cols = tl.arange(0, BLOCK_K)
-    ok = (rows < M)[:, None] & (cols < K)[None, :]
-    # y.to(dtype) first: the simulated layer quantizes the transform's output in the model dtype
-    v = tl.load(y_ptr + rows[:, None] * stride_y + cols[None, :], mask=ok, other=0.0)
-    x = v.to(out_ptr.dtype.element_ty).to(tl.float32)
-    # divisor: 2^(b−1) − 1 (symmetric) or 2^b − 1 (asymmetric), a Python number in the quantizer
+def quantize_rows(x, ok, clip, qmax, divisor, inv_divisor, min_scale, SYMMETRIC: tl.constexpr,
+                  RECIPROCAL: tl.constexpr):
+    """`compute_qparams` + `quantize` of each row of the float32 tile x (entries where `ok`):
+    float codes q in [0, qmax] and the row's scale and zero. divisor is 2^(b−1) − 1 (symmetric)
+    or 2^b − 1 (asymmetric), a Python number in the quantizer (`quantizer_args`)."""
     if SYMMETRIC:
         amax = tl.max(tl.where(ok, tl.abs(x), 0.0), axis=1) * clip
         scale = tl.maximum(_over(amax, divisor, inv_divisor, RECIPROCAL), min_scale)
@@ -71,7 +66,28 @@ def fake_quant_rows_kernel(y_ptr, out_ptr, M, K, stride_y, stride_o, clip, qmax,
         scale = tl.maximum(_over(hi - lo, divisor, inv_divisor, RECIPROCAL), min_scale)
         zero = -_rint(tl.math.div_rn(lo, scale))
     q = _rint(tl.math.div_rn(x, scale[:, None])) + zero[:, None]
-    q = tl.minimum(tl.maximum(q, 0.0), qmax)
+    return tl.minimum(tl.maximum(q, 0.0), qmax), scale, zero
+
+
+def quantizer_args(bits: int, symmetric: bool, clip: float, min_scale: float) -> tuple[float, ...]:
+    """(clip, qmax, divisor, inv_divisor, min_scale) as `quantize_rows` takes them."""
+    qmax = (1 << bits) - 1
+    divisor = (1 << (bits - 1)) - 1 if symmetric else qmax
+    inv_divisor = float(np.float32(1.0) / np.float32(divisor))  # float32 reciprocal, as ATen forms it
+    return float(clip), float(qmax), float(divisor), inv_divisor, float(min_scale)
+
+
+@triton.jit
+def fake_quant_rows_kernel(y_ptr, out_ptr, M, K, stride_y, stride_o, clip, qmax, divisor, inv_divisor, min_scale,
+                           ROWS: tl.constexpr, BLOCK_K: tl.constexpr, SYMMETRIC: tl.constexpr,
+                           RECIPROCAL: tl.constexpr):
+    rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
+    cols = tl.arange(0, BLOCK_K)
+    ok = (rows < M)[:, None] & (cols < K)[None, :]
+    # y.to(dtype) first: the simulated layer quantizes the transform's output in the model dtype
+    v = tl.load(y_ptr + rows[:, None] * stride_y + cols[None, :], mask=ok, other=0.0)
+    x = v.to(out_ptr.dtype.element_ty).to(tl.float32)
+    q, scale, zero = quantize_rows(x, ok, clip, qmax, divisor, inv_divisor, min_scale, SYMMETRIC, RECIPROCAL)
     out = ((q - zero[:, None]) * scale[:, None]).to(out_ptr.dtype.element_ty)
     tl.store(out_ptr + rows[:, None] * stride_o + cols[None, :], out, mask=ok)
 
@@ -93,11 +109,7 @@ def fake_quantize_rows(y: torch.Tensor, out_dtype: torch.dtype, bits: int, symme
     if m:
         block = triton.next_power_of_2(k)
         rows = max(1, 2048 // block)  # short rows (attention heads): several per program
-        qmax = (1 << bits) - 1
-        divisor = (1 << (bits - 1)) - 1 if symmetric else qmax
-        inv_divisor = float(np.float32(1.0) / np.float32(divisor))  # float32 reciprocal, as ATen forms it
         fake_quant_rows_kernel[(triton.cdiv(m, rows),)](
-            y2, out, m, k, y2.stride(0), out.stride(0), float(clip), float(qmax), float(divisor), inv_divisor,
-            float(min_scale), ROWS=rows, BLOCK_K=block, SYMMETRIC=symmetric, RECIPROCAL=y.is_cuda,
+            y2, out, m, k, y2.stride(0), out.stride(0), *quantizer_args(bits, symmetric, clip, min_scale), ROWS=rows, BLOCK_K=block, SYMMETRIC=symmetric, RECIPROCAL=y.is_cuda,
             num_warps=4 if rows * block <= 4096 else 8, enable_fp_fusion=False)
     return out.reshape(y.shape)

@@ -27,12 +27,11 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
 import torch
 import triton
 import triton.language as tl
 
-from duquant.kernels.triton_fake_quant import _INTERPRET, _over, _rint
+from duquant.kernels.triton_fake_quant import _INTERPRET, quantize_rows, quantizer_args
 
 MAX_HEAD_DIM = 128  # the Hadamard tile lives in registers: D × D float32
 
@@ -64,17 +63,7 @@ def quantize_rows_kernel(x_ptr, had_ptr, out_ptr, codes_ptr, scale_ptr, zero_ptr
         else:
             s = tl.dot(x, hm)
         v = (s * inv_sqrt_d).to(x.dtype).to(tl.float32)
-    # compute_qparams: divisor is 2^(b−1) − 1 (symmetric) or 2^b − 1, a Python number there
-    if SYMMETRIC:
-        amax = tl.max(tl.where(ok, tl.abs(v), 0.0), axis=1) * clip
-        scale = tl.maximum(_over(amax, divisor, inv_divisor, RECIPROCAL), min_scale)
-        zero = tl.zeros_like(scale) + (qmax + 1.0) * 0.5
-    else:
-        lo = tl.min(tl.where(ok, v, float("inf")), axis=1) * clip
-        hi = tl.max(tl.where(ok, v, float("-inf")), axis=1) * clip
-        scale = tl.maximum(_over(hi - lo, divisor, inv_divisor, RECIPROCAL), min_scale)
-        zero = -_rint(tl.math.div_rn(lo, scale))
-    q = tl.minimum(tl.maximum(_rint(tl.math.div_rn(v, scale[:, None])) + zero[:, None], 0.0), qmax)
+    q, scale, zero = quantize_rows(v, ok, clip, qmax, divisor, inv_divisor, min_scale, SYMMETRIC, RECIPROCAL)
     if STORE_CODES:
         position = tl.load(pos_ptr) + t
         row_ok = row_ok & (position < L)  # past the cache's end: dropped (StaticCache raises there)
@@ -95,6 +84,12 @@ def quantize_rows_kernel(x_ptr, had_ptr, out_ptr, codes_ptr, scale_ptr, zero_ptr
 
 
 @triton.jit
+def unpack_nibbles(packed, ROWS: tl.constexpr, BLOCK_D: tl.constexpr):
+    """[ROWS, BLOCK_D / 2] packed bytes → [ROWS, BLOCK_D] codes, the low nibble first (quant.packing)."""
+    return tl.reshape(tl.join(packed & 0x0F, packed >> 4), [ROWS, BLOCK_D])
+
+
+@triton.jit
 def dequantize_rows_kernel(codes_ptr, scale_ptr, zero_ptr, out_ptr, R, D,
                            ROWS: tl.constexpr, BLOCK_D: tl.constexpr, PACK: tl.constexpr):
     r = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
@@ -104,7 +99,7 @@ def dequantize_rows_kernel(codes_ptr, scale_ptr, zero_ptr, out_ptr, R, D,
         half = tl.arange(0, BLOCK_D // 2)
         packed = tl.load(codes_ptr + r[:, None] * (D // 2) + half[None, :],
                          mask=row_ok[:, None] & (half < D // 2)[None, :], other=0)
-        codes = tl.reshape(tl.join(packed & 0x0F, packed >> 4), [ROWS, BLOCK_D])
+        codes = unpack_nibbles(packed, ROWS, BLOCK_D)
     else:
         codes = tl.load(codes_ptr + r[:, None] * D + cols[None, :], mask=row_ok[:, None] & (cols < D)[None, :],
                         other=0)
@@ -123,13 +118,6 @@ def _rows_per_program(block_d: int) -> int:
     return max(16, 2048 // block_d)  # ≥ 16: the Hadamard product's tile height
 
 
-def _quantizer_args(bits: int, symmetric: bool, clip: float, min_scale: float) -> tuple[float, ...]:
-    qmax = (1 << bits) - 1
-    divisor = (1 << (bits - 1)) - 1 if symmetric else qmax
-    inv_divisor = float(np.float32(1.0) / np.float32(divisor))  # float32 reciprocal, as ATen forms it
-    return float(clip), float(qmax), float(divisor), inv_divisor, float(min_scale)
-
-
 def _launch_quantize(x, hadamard, out, codes, scale, zero, position, length, bits, symmetric, clip, min_scale):
     if x.stride(-1) != 1:
         x = x.contiguous()
@@ -144,7 +132,7 @@ def _launch_quantize(x, hadamard, out, codes, scale, zero, position, length, bit
         x, dummy if hadamard is None else hadamard, dummy if out is None else out,
         dummy if codes is None else codes, dummy if scale is None else scale, dummy if zero is None else zero,
         dummy if position is None else position, rows, h, t, length, d, x.stride(0), x.stride(1), x.stride(2),
-        1.0 / math.sqrt(d), *_quantizer_args(bits, symmetric, clip, min_scale), ROWS=per_program, BLOCK_D=block,
+        1.0 / math.sqrt(d), *quantizer_args(bits, symmetric, clip, min_scale), ROWS=per_program, BLOCK_D=block,
         HADAMARD=hadamard is not None, SYMMETRIC=symmetric, STORE_CODES=codes is not None, PACK=bits <= 4,
         RECIPROCAL=x.is_cuda, num_warps=4, enable_fp_fusion=False)
 
