@@ -151,13 +151,17 @@ def test_release_scratch_empties_the_kernel_caches():
 def test_transform_kernel_choice(monkeypatch: pytest.MonkeyPatch):
     from duquant.kernels import ops
 
-    assert ops.TRANSFORM_KERNEL == "auto"  # the default: rows only for one token of ≤ 4096 channels
+    assert ops.TRANSFORM_KERNEL == "auto"  # the default: rows for one token and for prefill of ≤ 4096 channels
     assert (ops.transform_kernel(1, 4096), ops.transform_kernel(2, 4096), ops.transform_kernel(1, 11008)) == (
         "rows", "tiles", "tiles")
+    # prefill: rows where the blocks need no padding (32 of 128, 8 of 64), tiles for 9 blocks and above 4096
+    assert (ops.transform_kernel(2048, 4096), ops.transform_kernel(17, 512, 64), ops.transform_kernel(16, 4096),
+            ops.transform_kernel(2048, 576, 64), ops.transform_kernel(2048, 11008)) == (
+        "rows", "rows", "tiles", "tiles", "tiles")
     monkeypatch.setattr(ops, "ROWS_MAX_M", 16)
     for mode, small, large in (("tiles", "tiles", "tiles"), ("rows", "rows", "rows"), ("auto", "rows", "tiles")):
         monkeypatch.setattr(ops, "TRANSFORM_KERNEL", mode)
-        assert (ops.transform_kernel(16, 576), ops.transform_kernel(17, 576)) == (small, large)
+        assert (ops.transform_kernel(16, 576, 64), ops.transform_kernel(17, 576, 64)) == (small, large)
         assert ops.transform_kernel(16, 11008) == ("rows" if mode == "rows" else "tiles")
 
 

@@ -72,6 +72,7 @@ def measure_ceilings(device: str = "cuda") -> dict[str, float]:
 
 
 def _bench_prefill(m: int, n: int, k: int, device: str) -> dict[str, float]:
+    from duquant.kernels import ops
     from duquant.kernels.triton_gemm import expand_w4, fp8_gemm, int8_gemm
     from duquant.kernels.triton_hadamard import hadamard_quantize
     from duquant.kernels.triton_row_transform import duquant_quantize_rows
@@ -84,10 +85,14 @@ def _bench_prefill(m: int, n: int, k: int, device: str) -> dict[str, float]:
     w_fp8 = pw.w8.to(torch.float32).to(torch.float8_e4m3fn)
     rot1, rot2, perm = _orthogonal(blk, device), _orthogonal(blk, device), torch.randperm(k, device=device)
     r1, r2 = rot1.to(torch.bfloat16), rot2.to(torch.bfloat16)
-    smooth = torch.rand(k, device=device) + 0.5
+    smooth = None  # a quantized model folds its smoothing into the producers (methods/apply.py)
     had_m = _had_m(k, device)
-    a8, s8 = duquant_quantize(x, r1, perm, r2, smooth, out_dtype=torch.int8)
-    af, sf = duquant_quantize(x, r1, perm, r2, smooth, out_dtype=torch.float8_e4m3fn)
+
+    def transform(dtype):  # the kernel the model's linear runs (ops picks tiles or rows)
+        return ops.transform_quantize(x, r1, perm, r2, smooth, out_dtype=dtype)
+
+    a8, s8 = transform(torch.int8)
+    af, sf = transform(torch.float8_e4m3fn)
     r = {}
     r["bf16"] = _bench(lambda: x @ w.T)
     if m == 2048:  # tile sweep of the v2 transform (recorded; the default is used below)
@@ -103,8 +108,10 @@ def _bench_prefill(m: int, n: int, k: int, device: str) -> dict[str, float]:
     r["transform_rows_graph"] = _graph_bench([lambda: duquant_quantize_rows(
         x, r1, perm, r2, smooth, out_dtype=torch.float8_e4m3fn)] * 4)
     r["transform_rows"] = _bench(lambda: duquant_quantize_rows(x, r1, perm, r2, smooth, out_dtype=torch.float8_e4m3fn))
-    r["transform_int8"] = _bench(lambda: duquant_quantize(x, r1, perm, r2, smooth, out_dtype=torch.int8))
-    r["transform_fp8"] = _bench(lambda: duquant_quantize(x, r1, perm, r2, smooth, out_dtype=torch.float8_e4m3fn))
+    r["transform_int8"] = _bench(lambda: transform(torch.int8))
+    r["transform_fp8"] = _bench(lambda: transform(torch.float8_e4m3fn))
+    r["transform_tiles_graph"] = _graph_bench([lambda: duquant_quantize(x, r1, perm, r2, smooth,
+                                                                        out_dtype=torch.float8_e4m3fn)] * 4)
     r["transform_noperm"] = _bench(lambda: duquant_quantize(x, r1, None, r2, smooth, out_dtype=torch.float8_e4m3fn))
     r["hadamard_fp8"] = _bench(lambda: hadamard_quantize(x, had_m, out_dtype=torch.float8_e4m3fn))
     if m == 2048:
@@ -115,17 +122,13 @@ def _bench_prefill(m: int, n: int, k: int, device: str) -> dict[str, float]:
     # Under CUDA graphs (no host launch overhead; inputs stay in L2 where they fit, so
     # these are GPU-time lower bounds): separates the Triton launch cost from the kernels.
     r["bf16_graph"] = _graph_bench([lambda: x @ w.T] * 4)
-    r["transform_fp8_graph"] = _graph_bench([lambda: duquant_quantize(x, r1, perm, r2, smooth,
-                                                                      out_dtype=torch.float8_e4m3fn)] * 4)
+    r["transform_fp8_graph"] = _graph_bench([lambda: transform(torch.float8_e4m3fn)] * 4)
     r["hadamard_fp8_graph"] = _graph_bench([lambda: hadamard_quantize(x, had_m, out_dtype=torch.float8_e4m3fn)] * 4)
-    r["total_fp8_graph"] = _graph_bench([lambda: fp8_gemm(*duquant_quantize(
-        x, r1, perm, r2, smooth, out_dtype=torch.float8_e4m3fn), w_fp8, pw.scale)] * 4)
+    r["total_fp8_graph"] = _graph_bench([lambda: fp8_gemm(*transform(torch.float8_e4m3fn), w_fp8, pw.scale)] * 4)
     r["gemm_int8"] = _bench(lambda: int8_gemm(a8, s8, pw.w8, pw.scale))
     r["gemm_fp8"] = _bench(lambda: fp8_gemm(af, sf, w_fp8, pw.scale))
-    r["total_int8"] = _bench(lambda: int8_gemm(*duquant_quantize(x, r1, perm, r2, smooth, out_dtype=torch.int8),
-                                               pw.w8, pw.scale))
-    r["total_fp8"] = _bench(lambda: fp8_gemm(*duquant_quantize(x, r1, perm, r2, smooth, out_dtype=torch.float8_e4m3fn),
-                                             w_fp8, pw.scale))
+    r["total_int8"] = _bench(lambda: int8_gemm(*transform(torch.int8), pw.w8, pw.scale))
+    r["total_fp8"] = _bench(lambda: fp8_gemm(*transform(torch.float8_e4m3fn), w_fp8, pw.scale))
     r["total_hadamard_fp8"] = _bench(lambda: fp8_gemm(*hadamard_quantize(x, had_m, out_dtype=torch.float8_e4m3fn),
                                                       w_fp8, pw.scale))
     return r

@@ -34,21 +34,33 @@ DECODE_GEMV_MAX_M = 8
 HADAMARD_KERNEL_VERIFIED = os.environ.get("DUQUANT_HADAMARD_KERNEL", "1") == "1"
 # Kernel of the DuQuant transform: "tiles" (triton_transform: (token tile × block) programs,
 # one or three launches) or "rows" (triton_row_transform: whole rows per program, the blocks
-# as the MMA's M dimension). H100, CUDA-graph µs per call (results/kernels/session8/
-# transform_breakdown.md; tiles three launches / rows, 8 warps): K = 4096 with the fused
-# RMSNorm, M = 1: 9.1 / 6.3, M = 4: 9.0 / 13.7; K = 11008 with the fused SwiGLU, M = 1: 11.6 / 13.1.
-# So "auto" (the default) takes rows for one token when K ≤ ROWS_MAX_K, tiles everywhere else;
-# DUQUANT_TRANSFORM_KERNEL=tiles or =rows forces one kernel.
+# as the MMA's M dimension). H100, CUDA-graph µs per call:
+#   decode (results/kernels/session8/transform_breakdown.md; tiles three launches / rows,
+#   8 warps): K = 4096 with the fused RMSNorm, M = 1: 9.1 / 6.3, M = 4: 9.0 / 13.7; K = 11008
+#   with the fused SwiGLU, M = 1: 11.6 / 13.1;
+#   prefill (results/kernels/session11/transform_prefill.md, both with reciprocal codes):
+#   K = 4096, M = 2048 / 8192 / 32768: tiles 45.9 / 160.4 / 588.9, rows 30.4 / 104.9 / 398.6
+#   (RMSNorm fused: 49.0 / 165.0 / 605.5 against 34.6 / 122.4 / 465.3); K = 11008 with the
+#   SwiGLU, whose 86 blocks the rows tile pads to 128: tiles 134 / 466 / 1850, rows 197 / 725 / 2897.
+# So "auto" (the default) takes rows for one token when K ≤ ROWS_MAX_K, and above
+# DECODE_MAX_M tokens when K ≤ ROWS_MAX_K and K/n is a power of two (no padded blocks);
+# tiles everywhere else. DUQUANT_TRANSFORM_KERNEL=tiles or =rows forces one kernel.
 TRANSFORM_KERNEL = os.environ.get("DUQUANT_TRANSFORM_KERNEL", "auto")
 ROWS_MAX_M = int(os.environ.get("DUQUANT_ROWS_MAX_M", "1"))
 ROWS_MAX_K = int(os.environ.get("DUQUANT_ROWS_MAX_K", "4096"))
 
 
-def transform_kernel(m: int, k: int) -> str:
-    """Which DuQuant transform kernel runs for m tokens of k channels: "tiles" or "rows"."""
-    if TRANSFORM_KERNEL == "auto":
-        return "rows" if m <= ROWS_MAX_M and k <= ROWS_MAX_K else "tiles"
-    return TRANSFORM_KERNEL
+def transform_kernel(m: int, k: int, n: int = 128) -> str:
+    """Which DuQuant transform kernel runs for m tokens of k channels in n-wide rotation
+    blocks: "tiles" or "rows"."""
+    if TRANSFORM_KERNEL != "auto":
+        return TRANSFORM_KERNEL
+    if k > ROWS_MAX_K:
+        return "tiles"
+    blocks = k // n
+    return "rows" if m <= ROWS_MAX_M or (m > DECODE_MAX_M and blocks & (blocks - 1) == 0) else "tiles"
+
+
 # The attention operands (Q, K, V per token and head: Hadamard + quantizer, KV-cache writes and
 # reads) run through triton_kv_quant on CUDA; DUQUANT_KV_KERNEL=0 keeps PyTorch's ops.
 KV_KERNEL = os.environ.get("DUQUANT_KV_KERNEL", "1") == "1"
@@ -114,7 +126,9 @@ def transform_quantize(x: torch.Tensor, rot1: torch.Tensor | None = None, perm: 
     m = x.numel() // x.shape[-1]
     out_dtype = out_dtype or act_dtype(m)
     if use_triton(x):
-        if transform_kernel(m, x.shape[-1]) == "rows":
+        rots = [r for r in (rot1, rot2) if r is not None]
+        n = rots[0].shape[0] if rots else 128
+        if transform_kernel(m, x.shape[-1], n) == "rows":
             from duquant.kernels.triton_row_transform import duquant_quantize_rows
             a, s = duquant_quantize_rows(x, rot1, perm, rot2, smooth, bits, clip, out_dtype, precise,
                                          symmetric=symmetric, norm=norm, up=up)

@@ -15,8 +15,8 @@ the MMA's M dimension) instead of K/n small dependent ones (v1's latency chain):
     Y             = V · R̂₂, per-token min/max over the token's rows, codes, store.
 
 One launch, no inter-program barrier, HBM traffic = x + codes. Padded block rows (K/n
-not a power of two) are masked. T tokens per program keep the tile at ~128 rows (T = 1
-at K = 11008, 4 at K = 4096; one token at decode). Up to session 7 the gather went
+not a power of two) are masked. T tokens per program keep the tile at ~128 rows at decode
+(one token) and 64 rows at prefill (T = 2 at K = 4096; `row_tile`). Up to session 7 the gather went
 through a global scratch row (store, CTA barrier, load): on the H100 the shared-memory
 gather took one token of K = 4096 from 7.1 to 6.7 µs and four tokens from 25.3 to 20.6 µs
 (results/kernels/session8/transform_breakdown.md; loading every factor at the start, or
@@ -34,7 +34,7 @@ from triton.language.extra.cuda import gdc_launch_dependents
 
 from duquant.kernels.dependent_launch import pdl_supported
 from duquant.kernels.norm import InputNorm
-from duquant.kernels.triton_quant import centered_codes, token_qparams
+from duquant.kernels.triton_quant import centered_codes, reciprocal_codes, token_qparams
 from duquant.kernels.triton_transform import (
     _buffer,
     _dot,
@@ -51,7 +51,10 @@ def row_transform_quant_kernel(
     N: tl.constexpr, NB_PAD: tl.constexpr, T: tl.constexpr, HAS_SMOOTH: tl.constexpr, HAS_R1: tl.constexpr,
     HAS_PERM: tl.constexpr, HAS_R2: tl.constexpr, PRECISE: tl.constexpr, SYMMETRIC: tl.constexpr,
     HAS_NORM: tl.constexpr, NORM_W: tl.constexpr, GATED: tl.constexpr, LAUNCH_DEPENDENTS: tl.constexpr = False,
+    RECIP: tl.constexpr = False, EVEN: tl.constexpr = False,
 ):
+    """RECIP: codes from y·(1/Δ) (`centered_codes`). EVEN: M is a multiple of T and K/n a
+    power of two, so no tile element is padding and no mask is computed."""
     if LAUNCH_DEPENDENTS:  # the decode GEMV after this kernel may start fetching its weight now
         gdc_launch_dependents()
     R: tl.constexpr = T * NB_PAD
@@ -61,26 +64,37 @@ def row_transform_quant_kernel(
     blk = r % NB_PAD  # its block
     c = tl.arange(0, N)
     col = blk[:, None] * N + c[None, :]  # channel of each element [R, N]
-    ok = ((tok < M) & (blk < NB))[:, None]
+    if EVEN:
+        ok = tl.full([R, 1], 1, tl.int1)
+    else:
+        ok = ((tok < M) & (blk < NB))[:, None]
     offs = tok.to(tl.int64)[:, None] * stride_xm + col
     # Padding (blocks past K, tokens past M) reads 1, not 0: IEEE division (div_rn, in the
     # smoothing and the quantizer) takes a slow path when the quotient is 0 (see the tiles
     # kernel's _rot1_store). Padding is masked out of every sum, min and max, and never stored.
-    h = tl.load(x_ptr + offs, mask=ok, other=1.0).to(tl.float32)
+    if EVEN:
+        h = tl.load(x_ptr + offs).to(tl.float32)
+    else:
+        h = tl.load(x_ptr + offs, mask=ok, other=1.0).to(tl.float32)
     if GATED:  # silu(gate)·up (x is the gate projection)
         h = h * tl.sigmoid(h) * tl.load(up_ptr + offs, mask=ok, other=1.0).to(tl.float32)
     if HAS_NORM:  # RMSNorm: codes from x·w, the scale divided by rms(x) at the end
         sq = tl.sum(tl.where(ok, h * h, 0.0), axis=1)
         rinv = 1.0 / tl.sqrt(tl.sum(tl.reshape(sq, [T, NB_PAD]), axis=1) / K + eps)  # [T]
-        if NORM_W:
-            h = h * tl.load(norm_w_ptr + col, mask=ok, other=1.0).to(tl.float32)
+        if NORM_W:  # one token's weights, shared by the T tokens
+            b_w = tl.arange(0, NB_PAD)
+            w = tl.load(norm_w_ptr + b_w[:, None] * N + c[None, :], mask=(b_w < NB)[:, None], other=1.0)
+            h = h * tl.reshape(tl.broadcast_to(w[None, :, :], [T, NB_PAD, N]), [R, N]).to(tl.float32)
     if HAS_SMOOTH:
         h = tl.math.div_rn(h, tl.load(smooth_ptr + col, mask=ok, other=1.0))
     rr = tl.arange(0, N)
     if HAS_R1:
         h = _dot(h, tl.load(rot1_ptr + rr[:, None] * N + rr[None, :]), PRECISE)
     if HAS_PERM:  # v[t, j] = u[t, perm[j]]
-        src = tl.load(perm_ptr + col, mask=ok, other=0)
+        # one token's permutation, loaded once and shared by the program's T tokens
+        b_of = tl.arange(0, NB_PAD)
+        src = tl.load(perm_ptr + b_of[:, None] * N + c[None, :], mask=(b_of < NB)[:, None], other=0)
+        src = tl.reshape(tl.broadcast_to(src[None, :, :], [T, NB_PAD, N]), [R, N])
         if PRECISE:  # through a scratch row (float32: a shared-memory gather would need 2× the H100's 227 KB)
             row = scratch_ptr + tok.to(tl.int64)[:, None] * K
             tl.store(row + col, h, mask=ok)
@@ -93,8 +107,12 @@ def row_transform_quant_kernel(
     if HAS_R2:
         h = _dot(h, tl.load(rot2_ptr + rr[:, None] * N + rr[None, :]), PRECISE)
     # per-token range: min/max of each tile row, then over the NB_PAD rows of a token
-    lo = tl.min(tl.reshape(tl.min(tl.where(ok, h, float("inf")), axis=1), [T, NB_PAD]), axis=1)
-    hi = tl.max(tl.reshape(tl.max(tl.where(ok, h, float("-inf")), axis=1), [T, NB_PAD]), axis=1)
+    if EVEN:
+        lo = tl.min(tl.reshape(tl.min(h, axis=1), [T, NB_PAD]), axis=1)
+        hi = tl.max(tl.reshape(tl.max(h, axis=1), [T, NB_PAD]), axis=1)
+    else:
+        lo = tl.min(tl.reshape(tl.min(tl.where(ok, h, float("inf")), axis=1), [T, NB_PAD]), axis=1)
+        hi = tl.max(tl.reshape(tl.max(tl.where(ok, h, float("-inf")), axis=1), [T, NB_PAD]), axis=1)
     scale, zero = token_qparams(lo, hi, clip, qmax, SYMMETRIC)  # [T]
     ts = pid * T + tl.arange(0, T)
     if HAS_NORM:
@@ -103,15 +121,22 @@ def row_transform_quant_kernel(
         tl.store(scale_ptr + ts, scale, mask=ts < M)
     scale_rows = tl.reshape(tl.broadcast_to(scale[:, None], [T, NB_PAD]), [R])
     zero_rows = tl.reshape(tl.broadcast_to(zero[:, None], [T, NB_PAD]), [R])
-    a = centered_codes(h, scale_rows, zero_rows, qmax)
+    a = centered_codes(h, scale_rows, zero_rows, qmax, RECIP)
     tl.store(out_ptr + tok.to(tl.int64)[:, None] * stride_om + col, a.to(out_ptr.dtype.element_ty), mask=ok)
 
 
-def row_tile(k: int, n: int) -> tuple[int, int, int]:
-    """(NB_PAD, T, warps): block rows padded to a power of two, tokens per program so that
-    the tile has ~128 rows, 8 warps above 8192 elements (≤ 64 fp32 registers per thread)."""
+# Tile rows per program (T·NB_PAD) at decode and at prefill. H100, K = 4096 (results/kernels/
+# session11/transform_prefill.md): at M ≥ 2048, 64 rows and 4 warps (T = 2) beat 128 rows and
+# 8 warps by 1–22% (more programs share an SM); one decode token keeps its 32-row tile at 8 warps.
+DECODE_TILE_ROWS, PREFILL_TILE_ROWS = 128, 64
+
+
+def row_tile(k: int, n: int, m: int = 1) -> tuple[int, int, int]:
+    """(NB_PAD, T, warps) for m tokens: block rows padded to a power of two, tokens per program
+    so that the tile has DECODE_TILE_ROWS rows (PREFILL_TILE_ROWS above 16 tokens), 8 warps
+    above 8192 elements (≤ 64 fp32 registers per thread)."""
     nb_pad = triton.next_power_of_2(k // n)
-    t = max(1, 128 // nb_pad)
+    t = max(1, (PREFILL_TILE_ROWS if m > 16 else DECODE_TILE_ROWS) // nb_pad)
     return nb_pad, t, 8 if t * nb_pad * n > 8192 else 4
 
 
@@ -120,8 +145,11 @@ def duquant_quantize_rows(x: torch.Tensor, rot1: torch.Tensor | None, perm: torc
                           out_dtype: torch.dtype = torch.int8, precise: bool = False,
                           tokens_per_program: int | None = None, warps: int | None = None,
                           symmetric: bool = False, norm: InputNorm | None = None,
-                          up: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Same contract as `triton_transform.duquant_quantize`: x [..., K] -> (a [M, K], scale [M])."""
+                          up: torch.Tensor | None = None, fast_quant: bool | None = None,
+                          max_regs: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Same contract as `triton_transform.duquant_quantize`: x [..., K] -> (a [M, K], scale [M]).
+    fast_quant: codes through a reciprocal (`centered_codes` RECIP; default: in fast mode).
+    max_regs: registers per thread the compiler may use (None: its choice)."""
     k = x.shape[-1]
     n = rotation_block(k, rot1, rot2)
     x2, up2, out, scale = token_rows_and_outputs(x, out_dtype, up, norm)
@@ -129,7 +157,7 @@ def duquant_quantize_rows(x: torch.Tensor, rot1: torch.Tensor | None, perm: torc
     if m == 0:
         return out, scale
     f = prepared_factors(rot1, perm, rot2, smooth, precise)
-    nb_pad, t, w = row_tile(k, n)
+    nb_pad, t, w = row_tile(k, n, m)
     t = tokens_per_program or min(t, triton.next_power_of_2(m))  # decode: no empty token slots
     dummy = scale
     scratch = _buffer("rows", m * k, torch.float32, x.device) if precise and perm is not None else dummy
@@ -142,6 +170,7 @@ def duquant_quantize_rows(x: torch.Tensor, rot1: torch.Tensor | None, perm: torc
         N=n, NB_PAD=nb_pad, T=t, HAS_SMOOTH=f.smooth is not None, HAS_R1=f.rot1 is not None,
         HAS_PERM=f.perm is not None, HAS_R2=f.rot2 is not None, PRECISE=precise, SYMMETRIC=symmetric,
         HAS_NORM=norm is not None, NORM_W=norm_w is not None, GATED=up2 is not None,
-        LAUNCH_DEPENDENTS=pdl_supported(x.device), num_warps=warps or w,
+        LAUNCH_DEPENDENTS=pdl_supported(x.device), RECIP=reciprocal_codes(precise, fast_quant),
+        EVEN=m % t == 0 and nb_pad == k // n, num_warps=warps or w, **({"maxnreg": max_regs} if max_regs else {}),
     )
     return out, scale

@@ -40,7 +40,7 @@ from triton.language.extra.cuda import gdc_launch_dependents
 from duquant.kernels.dependent_launch import pdl_supported
 from duquant.kernels.norm import InputNorm, check_one_fused_op
 from duquant.kernels.tensor_cache import TensorKeyedCache
-from duquant.kernels.triton_quant import centered_codes, token_qparams
+from duquant.kernels.triton_quant import centered_codes, reciprocal_codes, token_qparams
 
 
 # Triton's CPU interpreter multiplies bf16 tiles wrongly (seen with triton 3.6): under
@@ -64,7 +64,7 @@ def _rot1_store(x_ptr, smooth_ptr, r1, dest_ptr, vt_ptr, c, rm, store_ok, M, str
                 N1: tl.constexpr, HAS_SMOOTH: tl.constexpr, HAS_R1: tl.constexpr, HAS_DEST: tl.constexpr,
                 PRECISE: tl.constexpr, HAS_NORM: tl.constexpr, NORM_W: tl.constexpr, GATED: tl.constexpr):
     """vT[dest[c·N1 + j], rm[i]] = ((x·w/smooth)[rm[i], block c] · R̂₁)[i, j]; r1 is the loaded R̂₁.
-    HAS_NORM (a fused RMSNorm): also adds the block's Σx² of each token to sumsq, and
+    HAS_NORM (a fused RMSNorm): also stores the block's Σx² of each token in sumsq[c], and
     multiplies x by the norm weight w (NORM_W). The 1/rms factor itself is left out: it
     scales a whole token row, which changes that token's scale, not its codes.
     GATED (SwiGLU, the down_proj input): x is the gate projection and the transform's
@@ -81,7 +81,9 @@ def _rot1_store(x_ptr, smooth_ptr, r1, dest_ptr, vt_ptr, c, rm, store_ok, M, str
     if GATED:
         h = h * tl.sigmoid(h) * tl.load(up_ptr + offs, mask=(rm < M)[:, None], other=1.0).to(tl.float32)
     if HAS_NORM:
-        tl.atomic_add(sumsq_ptr + rm, tl.sum(h * h, axis=1), mask=(rm >= 0) & store_ok, sem="relaxed")
+        # one partial sum per (block, token), added up in block order later: float atomics would
+        # add them in arrival order, and the scales would differ in their last bits run to run
+        tl.store(sumsq_ptr + c * M_PAD + rm, tl.sum(h * h, axis=1), mask=(rm >= 0) & store_ok)
         if NORM_W:
             h = h * tl.load(norm_w_ptr + cols).to(tl.float32)[None, :]
     if HAS_SMOOTH:
@@ -157,6 +159,7 @@ def transform_quant_kernel(
     HAS_SMOOTH: tl.constexpr, HAS_R1: tl.constexpr, HAS_DEST: tl.constexpr, HAS_R2: tl.constexpr,
     HAS_MAP: tl.constexpr, PRECISE: tl.constexpr, STAGE: tl.constexpr, SYMMETRIC: tl.constexpr,
     HAS_NORM: tl.constexpr, NORM_W: tl.constexpr, GATED: tl.constexpr, LAUNCH_DEPENDENTS: tl.constexpr = False,
+    RECIP: tl.constexpr = False,
 ):
     """One program = one block × one token group of SUB·BLOCK_M tokens (the rotation is
     read once per program and used for SUB token tiles; on the H100 SUB > 1 did not pay,
@@ -174,9 +177,9 @@ def transform_quant_kernel(
     which the host guarantees by launching this form only for P ≤ SMs. The last program
     of a group resets its counter and the last program of the launch the ticket, so the
     next launch (or CUDA graph replay) finds zeros.
-    HAS_NORM fuses the RMSNorm that produces x: stage 1 sums x² per token into sumsq; the
-    block-0 program of stage 2 turns it into 1/rms (rinv) and zeroes sumsq again for the
-    next launch; stage 3 stores the token's scale times 1/rms. Codes are computed on the
+    HAS_NORM fuses the RMSNorm that produces x: stage 1 stores each block's Σx² per token in
+    sumsq [NA, M_PAD]; the block-0 program of stage 2 adds them up in block order (the same
+    bits every run) into 1/rms (rinv); stage 3 stores the token's scale times 1/rms. Codes are computed on the
     unnormalised row (per-token quantization is invariant to a per-token factor).
     LAUNCH_DEPENDENTS (the launch that writes the codes): a decode GEMV launched after this
     one with PDL may start now (`dependent_launch`); it waits for this grid's end before
@@ -231,9 +234,12 @@ def transform_quant_kernel(
             tl.atomic_max(rowmax_ptr + rm, hi, mask=b_ok, sem="relaxed")
             if HAS_NORM:
                 if b == 0:  # every stage-1 sum has landed (barrier or previous launch)
-                    ss = tl.load(sumsq_ptr + rm, cache_modifier=".cg")
+                    ss = tl.zeros([BLOCK_M], tl.float32)
+                    blk = 0
+                    while blk < NA:  # (a while loop: the CPU interpreter cannot range over a runtime int here)
+                        ss += tl.load(sumsq_ptr + blk * M_PAD + rm, cache_modifier=".cg")
+                        blk += 1
                     tl.store(rinv_ptr + rm, 1.0 / tl.sqrt(ss * inv_k + eps))
-                    tl.store(sumsq_ptr + rm, tl.zeros([BLOCK_M], tl.float32))
     if STAGE == 0:
         _arrive_and_wait(group_counter, 2 * P)
     if STAGE == 0 or STAGE == 3:
@@ -251,7 +257,7 @@ def transform_quant_kernel(
                 else:
                     tl.store(scale_ptr + rm, scale, mask=m_ok)
             # centered_codes works on rows; here tokens are columns: transpose the tile once.
-            a = centered_codes(tl.trans(y), scale, zero, qmax)  # [BLOCK_M, N2]
+            a = centered_codes(tl.trans(y), scale, zero, qmax, RECIP)  # [BLOCK_M, N2]
             ok = m_ok[:, None] & valid[None, :] & (b < NB)
             tl.store(out_ptr + rm.to(tl.int64)[:, None] * stride_om + oc[None, :], a.to(out_ptr.dtype.element_ty),
                      mask=ok)
@@ -389,7 +395,8 @@ def two_stage_quantize(x: torch.Tensor, n1: int, rot1: torch.Tensor | None, dest
                        out_dtype: torch.dtype, precise: bool, block_m: int | None = None,
                        warps: int | None = None, fused: bool | None = None,
                        sub_tiles: int | None = None, symmetric: bool = False,
-                       norm: InputNorm | None = None, up: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                       norm: InputNorm | None = None, up: torch.Tensor | None = None,
+                       fast_quant: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Block rotation → shuffle → block rotation → per-token quantization (asymmetric, or
     symmetric with z = 2^(b−1)); with `norm`, of RMSNorm(x); with `up`, of silu(x)·up
     (both fused: see the kernel).
@@ -420,7 +427,8 @@ def two_stage_quantize(x: torch.Tensor, n1: int, rot1: torch.Tensor | None, dest
                 HAS_SMOOTH=smooth is not None, HAS_R1=rot1 is not None, HAS_DEST=dest is not None,
                 HAS_R2=rot2t is not None, HAS_MAP=has_map, PRECISE=precise, SYMMETRIC=symmetric,
                 HAS_NORM=norm is not None, NORM_W=norm_w is not None, GATED=up2 is not None,
-                LAUNCH_DEPENDENTS=pdl_supported(x.device), num_warps=warps or 4)
+                LAUNCH_DEPENDENTS=pdl_supported(x.device), RECIP=reciprocal_codes(precise, fast_quant),
+                num_warps=warps or 4)
     if fused is None:
         # precise (fp32 vT, 3×TF32) in one launch can exceed shared memory (K = 11008)
         fused = fused_default(x, m, programs) and not precise and _three_launch_compiled(x, m, meta)
@@ -433,7 +441,7 @@ def two_stage_quantize(x: torch.Tensor, n1: int, rot1: torch.Tensor | None, dest
             srow if has_map else dummy, ocol if has_map else dummy, row_range[:m_pad], row_range[m_pad:], out, scale,
             _sync_counters(groups, x.device) if fused else dummy,
             norm_w if norm_w is not None else dummy,
-            _zeroed_buffer("sumsq", m_pad, torch.float32, x.device) if norm is not None else dummy,
+            _buffer("sumsq", na * m_pad, torch.float32, x.device) if norm is not None else dummy,
             _buffer("rinv", m_pad, torch.float32, x.device) if norm is not None else dummy,
             up2 if up2 is not None else dummy,
             m, x2.stride(0), m_pad, na, nb, programs, out.stride(0), float(post_scale), float(clip),
@@ -484,10 +492,10 @@ def duquant_quantize(x: torch.Tensor, rot1: torch.Tensor | None, perm: torch.Ten
                      out_dtype: torch.dtype = torch.int8, precise: bool = False, block_m: int | None = None,
                      warps: int | None = None, fused: bool | None = None, sub_tiles: int | None = None,
                      symmetric: bool = False, norm: InputNorm | None = None,
-                     up: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                     up: torch.Tensor | None = None, fast_quant: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """DuQuant transform + quantize (of RMSNorm(x) with `norm`, of silu(x)·up with `up`).
     x [..., K] -> (a [M, K] out_dtype, scale float32 [M])."""
     n = rotation_block(x.shape[-1], rot1, rot2)
     f = prepared_factors(rot1, perm, rot2, smooth, precise)
     return two_stage_quantize(x, n, f.rot1, f.dest, n, f.rot2_t, None, None, f.smooth, 1.0, bits, clip, out_dtype,
-                              precise, block_m, warps, fused, sub_tiles, symmetric, norm, up)
+                              precise, block_m, warps, fused, sub_tiles, symmetric, norm, up, fast_quant)
