@@ -80,7 +80,7 @@ def main() -> None:
                              "floor_us": floor})
                 lines.append(f"| {k}, {op} | {m} | {name} | {us:.1f} | {flips:.1e} | {floor:.1f} |")
                 print(lines[-1], flush=True)
-            del x, up
+            x = up = None  # free before the next size
             torch.cuda.empty_cache()
     lin = ["", "Linear (no fused op, as the kernel bench): CUDA-graph µs; W4A4 = the fastest transform above + the "
            "FP8 GEMM (cuBLAS `_scaled_mm`, row-wise scales, bf16 out); the last column is the transform time "
