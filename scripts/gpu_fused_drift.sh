@@ -2,17 +2,11 @@
 # Which kernel moves SmolLM2's real-backend perplexity (--fuse) away from the simulated one:
 # quantizes as scripts/gpu_real_backend.sh (same calibration, seed 0), then evaluates WikiText-2
 # with --backend real --fuse under each switch: the quantizer's reciprocal (DUQUANT_FAST_QUANT=0
-# restores the IEEE division), the attention-operand kernels (DUQUANT_KV_KERNEL=0), and the fusions
-# one at a time. Two calls: carry .carry/smollm2-a, then .carry/smollm2-b with this script.
+# restores the IEEE division) and the attention-operand kernels (DUQUANT_KV_KERNEL=0), with and
+# without --fuse (the fusions one at a time: scripts/fused_ablation.py).
+# Two calls: carry .carry/smollm2-a, then .carry/smollm2-b with this script.
 set -uo pipefail
-source "$(dirname "$0")/gpu_setup.sh"
-OUT=${OUT:-out}
-mkdir -p "$OUT"
-q=.carry/smollm2-duquant-w4a4
-if [ ! -f "$q/config.json" ]; then
-  python3 -m duquant.cli quantize "$gguf" --method duquant --wbits 4 --abits 4 --calib c4 --nsamples 128 \
-    --seqlen 2048 --out "$q" --overwrite --quiet --json "$OUT/quantize.json" 2>&1 | tail -1
-fi
+source "$(dirname "$0")/gpu_smollm2_duquant.sh"  # sets $OUT, $gguf and the quantized model $q
 run() {  # name, env assignments..., then the eval flags after "--"
   local name=$1; shift
   local envs=(); while [ "$1" != "--" ]; do envs+=("$1"); shift; done; shift

@@ -7,14 +7,7 @@
 # transform kernel forced (all windows), and generates a sample in real mode.
 # Lands in $OUT: quantize.json, eval_{simulated,real,real_fused,real_fused_rows}.json, logs.
 set -uo pipefail
-source "$(dirname "$0")/gpu_setup.sh"
-OUT=${OUT:-out}
-mkdir -p "$OUT"
-q=.carry/smollm2-duquant-w4a4
-if [ ! -f "$q/config.json" ]; then
-  python3 -m duquant.cli quantize "$gguf" --method duquant --wbits 4 --abits 4 --calib c4 --nsamples 128 \
-    --seqlen 2048 --out "$q" --overwrite --quiet --json "$OUT/quantize.json" 2>&1 | tail -3
-fi
+source "$(dirname "$0")/gpu_smollm2_duquant.sh"  # sets $OUT, $gguf and the quantized model $q
 python3 -m duquant.cli eval "$q" --ppl wikitext2,c4 --backend simulated --quiet --json "$OUT/eval_simulated.json" 2>&1 | tail -4
 python3 -m duquant.cli eval "$q" --ppl wikitext2,c4 --backend real --no-fuse --quiet --json "$OUT/eval_real.json" 2>&1 | tail -4
 python3 -m duquant.cli eval "$q" --ppl wikitext2,c4 --backend real --fuse --quiet \

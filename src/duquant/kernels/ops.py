@@ -126,9 +126,8 @@ def transform_quantize(x: torch.Tensor, rot1: torch.Tensor | None = None, perm: 
     m = x.numel() // x.shape[-1]
     out_dtype = out_dtype or act_dtype(m)
     if use_triton(x):
-        rots = [r for r in (rot1, rot2) if r is not None]
-        n = rots[0].shape[0] if rots else 128
-        if transform_kernel(m, x.shape[-1], n) == "rows":
+        from duquant.kernels.triton_transform import rotation_block
+        if transform_kernel(m, x.shape[-1], rotation_block(x.shape[-1], rot1, rot2)) == "rows":
             from duquant.kernels.triton_row_transform import duquant_quantize_rows
             a, s = duquant_quantize_rows(x, rot1, perm, rot2, smooth, bits, clip, out_dtype, precise,
                                          symmetric=symmetric, norm=norm, up=up)

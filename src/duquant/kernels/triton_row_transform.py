@@ -64,7 +64,7 @@ def row_transform_quant_kernel(
     blk = r % NB_PAD  # its block
     c = tl.arange(0, N)
     col = blk[:, None] * N + c[None, :]  # channel of each element [R, N]
-    if EVEN:
+    if EVEN:  # a constant mask: the compiler drops every masked load, select and store test
         ok = tl.full([R, 1], 1, tl.int1)
     else:
         ok = ((tok < M) & (blk < NB))[:, None]
@@ -72,10 +72,7 @@ def row_transform_quant_kernel(
     # Padding (blocks past K, tokens past M) reads 1, not 0: IEEE division (div_rn, in the
     # smoothing and the quantizer) takes a slow path when the quotient is 0 (see the tiles
     # kernel's _rot1_store). Padding is masked out of every sum, min and max, and never stored.
-    if EVEN:
-        h = tl.load(x_ptr + offs).to(tl.float32)
-    else:
-        h = tl.load(x_ptr + offs, mask=ok, other=1.0).to(tl.float32)
+    h = tl.load(x_ptr + offs, mask=ok, other=1.0).to(tl.float32)
     if GATED:  # silu(gate)·up (x is the gate projection)
         h = h * tl.sigmoid(h) * tl.load(up_ptr + offs, mask=ok, other=1.0).to(tl.float32)
     if HAS_NORM:  # RMSNorm: codes from x·w, the scale divided by rms(x) at the end
@@ -107,12 +104,8 @@ def row_transform_quant_kernel(
     if HAS_R2:
         h = _dot(h, tl.load(rot2_ptr + rr[:, None] * N + rr[None, :]), PRECISE)
     # per-token range: min/max of each tile row, then over the NB_PAD rows of a token
-    if EVEN:
-        lo = tl.min(tl.reshape(tl.min(h, axis=1), [T, NB_PAD]), axis=1)
-        hi = tl.max(tl.reshape(tl.max(h, axis=1), [T, NB_PAD]), axis=1)
-    else:
-        lo = tl.min(tl.reshape(tl.min(tl.where(ok, h, float("inf")), axis=1), [T, NB_PAD]), axis=1)
-        hi = tl.max(tl.reshape(tl.max(tl.where(ok, h, float("-inf")), axis=1), [T, NB_PAD]), axis=1)
+    lo = tl.min(tl.reshape(tl.min(tl.where(ok, h, float("inf")), axis=1), [T, NB_PAD]), axis=1)
+    hi = tl.max(tl.reshape(tl.max(tl.where(ok, h, float("-inf")), axis=1), [T, NB_PAD]), axis=1)
     scale, zero = token_qparams(lo, hi, clip, qmax, SYMMETRIC)  # [T]
     ts = pid * T + tl.arange(0, T)
     if HAS_NORM:
@@ -133,10 +126,11 @@ DECODE_TILE_ROWS, PREFILL_TILE_ROWS = 128, 64
 
 def row_tile(k: int, n: int, m: int = 1) -> tuple[int, int, int]:
     """(NB_PAD, T, warps) for m tokens: block rows padded to a power of two, tokens per program
-    so that the tile has DECODE_TILE_ROWS rows (PREFILL_TILE_ROWS above 16 tokens), 8 warps
-    above 8192 elements (≤ 64 fp32 registers per thread)."""
+    so that the tile has DECODE_TILE_ROWS rows (PREFILL_TILE_ROWS above ops.DECODE_MAX_M tokens),
+    8 warps above 8192 elements (≤ 64 fp32 registers per thread)."""
+    from duquant.kernels.ops import DECODE_MAX_M
     nb_pad = triton.next_power_of_2(k // n)
-    t = max(1, (PREFILL_TILE_ROWS if m > 16 else DECODE_TILE_ROWS) // nb_pad)
+    t = max(1, (PREFILL_TILE_ROWS if m > DECODE_MAX_M else DECODE_TILE_ROWS) // nb_pad)
     return nb_pad, t, 8 if t * nb_pad * n > 8192 else 4
 
 
