@@ -1,8 +1,8 @@
 """Real backend on a saved quantized model with the fusions of `--fuse` switched on one at a
 time (RMSNorm into the transforms, SwiGLU into down_proj's transform, the RoPE kernel), each
 model loaded afresh, WikiText-2 perplexity against the simulated backend: which fusion moves
-the real backend away from the simulated numbers. The whole set runs twice (the fused RMSNorm
-sums x² with float atomics, so its scales are not bitwise repeatable).
+the real backend away from the simulated numbers. The whole set runs `--repeats` times (session
+11's fused RMSNorm summed x² with float atomics, and its perplexity moved between runs).
 
     PYTHONPATH=src python scripts/fused_ablation.py QUANTIZED_DIR --out-json ablation.json
 """

@@ -55,12 +55,12 @@ def tiles(n: int, block_m: int, stage: int, precise: bool, warps: int = 4, norm:
     ptr = {"x_ptr": "*bf16", "smooth_ptr": "*fp32", "rot1_ptr": "*fp32" if precise else "*bf16", "dest_ptr": "*i32",
            "vt_ptr": "*fp32" if precise else "*bf16", "rot2t_ptr": "*fp32" if precise else "*bf16", "srow_ptr": "*i32",
            "ocol_ptr": "*i32", "rowmin_ptr": "*fp32", "rowmax_ptr": "*fp32", "out_ptr": "*fp8e4nv",
-           "scale_ptr": "*fp32", "sync_ptr": "*i32", "norm_w_ptr": "*bf16", "sumsq_ptr": "*fp32", "rinv_ptr": "*fp32",
+           "scale_ptr": "*fp32", "sync_ptr": "*i32", "norm_w_ptr": "*bf16", "rinv_ptr": "*fp32",
            "up_ptr": "*bf16"}
     const = dict(N1=n, N2=n, KC=n, BLOCK_M=block_m, SUB=1, HAS_SMOOTH=not norm, HAS_R1=True, HAS_DEST=True,
                  HAS_R2=True, HAS_MAP=False, PRECISE=precise, STAGE=stage, SYMMETRIC=False, HAS_NORM=norm, NORM_W=norm,
                  GATED=gated)
-    return compile_sm90(transform_quant_kernel, ptr, const, warps, ("post_scale", "clip", "qmax", "inv_k", "eps"))
+    return compile_sm90(transform_quant_kernel, ptr, const, warps, ("post_scale", "clip", "qmax"))
 
 
 def rows(k: int, n: int, precise: bool, norm: bool = False, gated: bool = False) -> str:

@@ -26,6 +26,16 @@ CASES = [(4096, "none"), (4096, "RMSNorm"), (11008, "SwiGLU")]
 SHAPES = {4096: [(4096, 4096), (11008, 4096)], 11008: [(4096, 11008)]}  # (N, K) fed by each K
 
 
+def _small_m_variants(k: int) -> dict[str, dict]:
+    """--small-m: the kernel the model runs (tiles or rows at its default tile) against the rows
+    kernel with few tokens per program (more programs, shorter chains)."""
+    v = {"tiles": dict(kernel="tiles"), "rows (row_tile)": dict(kernel="rows")}
+    for t in (1, 2):
+        for w in (4, 8):
+            v[f"rows, T={t}, {w} warps"] = dict(kernel="rows", tokens_per_program=t, warps=w)
+    return v
+
+
 def _variants(k: int) -> dict[str, dict]:
     v = {"tiles": dict(kernel="tiles", fast_quant=False), "tiles, reciprocal": dict(kernel="tiles", fast_quant=True),
          "rows": dict(kernel="rows", fast_quant=False), "rows, reciprocal": dict(kernel="rows", fast_quant=True),
@@ -42,9 +52,15 @@ def _variants(k: int) -> dict[str, dict]:
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--ms", type=int, nargs="*", default=[2048, 8192, 32768])
+    p.add_argument("--small-m", action="store_true",
+                   help="decode and small-batch M (default 1…256): tokens per program and warps of the rows kernel "
+                        "against tiles; no linear table")
     p.add_argument("--out-json", default=None)
     p.add_argument("--out-md", default=None)
     args = p.parse_args()
+    if args.small_m and args.ms == p.get_default("ms"):
+        args.ms = [1, 2, 4, 8, 16, 64, 256]
+    variants = _small_m_variants if args.small_m else _variants
     torch.manual_seed(0)
     import triton
 
@@ -59,7 +75,7 @@ def main() -> None:
             up = torch.randn(m, k, device="cuda").to(torch.bfloat16) if op == "SwiGLU" else None
             floor = m * k * ((4 if up is not None else 2) + 1) / 3.0e6
             ref_a = None
-            for name, v in _variants(k).items():
+            for name, v in variants(k).items():
                 v = dict(v)
                 kernel = v.pop("kernel")
                 if kernel == "tiles":
@@ -87,7 +103,7 @@ def main() -> None:
            "that would give 1.5×.", "",
            "| N×K | M | BF16 | FP8 GEMM | fastest transform | W4A4 | speedup | transform for 1.5× |",
            "|---|---|---|---|---|---|---|---|"]
-    for k, shapes in SHAPES.items():
+    for k, shapes in ({} if args.small_m else SHAPES).items():
         for n, kk in shapes:
             w = torch.randn(n, kk, device="cuda").to(torch.bfloat16)
             w8 = (w / w.abs().amax(1, keepdim=True) * 15).round().to(torch.float8_e4m3fn)
@@ -107,7 +123,7 @@ def main() -> None:
                 print(lin[-1], flush=True)
     head = (f"GPU {torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}; "
             "CUDA-graph µs per call (4 calls per graph, median of 5×20 replays)\n\n")
-    md = head + "\n".join(lines + lin) + "\n"
+    md = head + "\n".join(lines + ([] if args.small_m else lin)) + "\n"
     print(md)
     write_results({"transform_prefill": rows}, md, args.out_json, args.out_md)
 

@@ -151,18 +151,31 @@ def test_release_scratch_empties_the_kernel_caches():
 def test_transform_kernel_choice(monkeypatch: pytest.MonkeyPatch):
     from duquant.kernels import ops
 
-    assert ops.TRANSFORM_KERNEL == "auto"  # the default: rows for one token and for prefill of ≤ 4096 channels
-    assert (ops.transform_kernel(1, 4096), ops.transform_kernel(2, 4096), ops.transform_kernel(1, 11008)) == (
-        "rows", "tiles", "tiles")
-    # prefill: rows where the blocks need no padding (32 of 128, 8 of 64), tiles for 9 blocks and above 4096
-    assert (ops.transform_kernel(2048, 4096), ops.transform_kernel(17, 512, 64), ops.transform_kernel(16, 4096),
-            ops.transform_kernel(2048, 576, 64), ops.transform_kernel(2048, 11008)) == (
-        "rows", "rows", "tiles", "tiles", "tiles")
+    assert ops.TRANSFORM_KERNEL == "auto"
+    # K ≤ 4096: rows wherever the blocks need no padding (32 of 128, 8 of 64), at every M
+    assert [ops.transform_kernel(m, 4096) for m in (1, 2, 16, 64, 2048)] == ["rows"] * 5
+    assert ops.transform_kernel(17, 512, 64) == "rows"
+    # padded blocks (SmolLM2's 9 of 64): rows for one token only
+    assert [ops.transform_kernel(m, 576, 64) for m in (1, 2, 2048)] == ["rows", "tiles", "tiles"]
+    # K = 11008 (86 blocks padded to 128): rows from 17 to 256 tokens; never past a 16384-element tile
+    assert [ops.transform_kernel(m, 11008) for m in (1, 16, 17, 256, 257, 2048)] == [
+        "tiles", "tiles", "rows", "rows", "tiles", "tiles"]
+    assert ops.transform_kernel(64, 28672) == "tiles"  # 224 blocks: a 256 × 128 tile
     monkeypatch.setattr(ops, "ROWS_MAX_M", 16)
     for mode, small, large in (("tiles", "tiles", "tiles"), ("rows", "rows", "rows"), ("auto", "rows", "tiles")):
         monkeypatch.setattr(ops, "TRANSFORM_KERNEL", mode)
         assert (ops.transform_kernel(16, 576, 64), ops.transform_kernel(17, 576, 64)) == (small, large)
         assert ops.transform_kernel(16, 11008) == ("rows" if mode == "rows" else "tiles")
+
+
+def test_row_tile():
+    """One token per program up to 64 tokens (4 warps at K = 4096, 8 for K = 11008's 128 × 128
+    tile), 64-row tiles above."""
+    pytest.importorskip("triton")
+    from duquant.kernels.triton_row_transform import row_tile
+    assert [row_tile(4096, 128, m) for m in (1, 64, 65, 2048)] == [(32, 1, 4), (32, 1, 4), (32, 2, 4), (32, 2, 4)]
+    assert [row_tile(11008, 128, m) for m in (1, 256)] == [(128, 1, 8), (128, 1, 8)]
+    assert row_tile(576, 64, 2048) == (16, 4, 4)
 
 
 @pytest.mark.parametrize("capturing, m, forced, expected", [

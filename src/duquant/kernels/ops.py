@@ -35,19 +35,23 @@ HADAMARD_KERNEL_VERIFIED = os.environ.get("DUQUANT_HADAMARD_KERNEL", "1") == "1"
 # Kernel of the DuQuant transform: "tiles" (triton_transform: (token tile × block) programs,
 # one or three launches) or "rows" (triton_row_transform: whole rows per program, the blocks
 # as the MMA's M dimension). H100, CUDA-graph µs per call:
-#   decode (results/kernels/session8/transform_breakdown.md; tiles three launches / rows,
-#   8 warps): K = 4096 with the fused RMSNorm, M = 1: 9.1 / 6.3, M = 4: 9.0 / 13.7; K = 11008
-#   with the fused SwiGLU, M = 1: 11.6 / 13.1;
-#   prefill (results/kernels/session11/transform_prefill.md, both with reciprocal codes):
-#   K = 4096, M = 2048 / 8192 / 32768: tiles 45.9 / 160.4 / 588.9, rows 30.4 / 104.9 / 398.6
-#   (RMSNorm fused: 49.0 / 165.0 / 605.5 against 34.6 / 122.4 / 465.3); K = 11008 with the
-#   SwiGLU, whose 86 blocks the rows tile pads to 128: tiles 134 / 466 / 1850, rows 197 / 725 / 2897.
-# So "auto" (the default) takes rows for one token when K ≤ ROWS_MAX_K, and above
-# DECODE_MAX_M tokens when K ≤ ROWS_MAX_K and K/n is a power of two (no padded blocks);
-# tiles everywhere else. DUQUANT_TRANSFORM_KERNEL=tiles or =rows forces one kernel.
+#   small M (results/kernels/session12/transform_small_m.md; tiles / rows with one token per
+#   program, 4 warps): K = 4096, M = 1…64: 8.1–9.2 / 5.2–5.5 (RMSNorm fused: 10.5–12.2 /
+#   5.6–5.9); K = 11008 with the SwiGLU (the rows tile pads 86 blocks to 128, 8 warps):
+#   M = 1…16: 10.8–11.1 / 12.0–12.3, M = 64: 14.3 / 12.4, M = 256: 30.9 / 23.5;
+#   prefill (session11/transform_prefill.md, both with reciprocal codes): K = 4096,
+#   M = 2048 / 8192 / 32768: tiles 45.9 / 160.4 / 588.9, rows 30.4 / 104.9 / 398.6 (RMSNorm
+#   fused: 49.0 / 165.0 / 605.5 against 34.6 / 122.4 / 465.3); K = 11008 with the SwiGLU:
+#   tiles 134 / 466 / 1850, rows 197 / 725 / 2897.
+# So "auto" (the default) takes rows when K ≤ ROWS_MAX_K and K/n is a power of two (no
+# padded blocks), or for one token (ROWS_MAX_M); for wider rows (K > ROWS_MAX_K, up to
+# ROWS_MAX_TILE padded elements) from DECODE_MAX_M to ROWS_WIDE_MAX_M tokens; tiles
+# everywhere else. DUQUANT_TRANSFORM_KERNEL=tiles or =rows forces one kernel.
 TRANSFORM_KERNEL = os.environ.get("DUQUANT_TRANSFORM_KERNEL", "auto")
 ROWS_MAX_M = int(os.environ.get("DUQUANT_ROWS_MAX_M", "1"))
 ROWS_MAX_K = int(os.environ.get("DUQUANT_ROWS_MAX_K", "4096"))
+ROWS_WIDE_MAX_M = 256
+ROWS_MAX_TILE = 16384  # one token's padded [NB_PAD, n] tile; K = 11008 takes 128 × 128
 
 
 def transform_kernel(m: int, k: int, n: int = 128) -> str:
@@ -55,10 +59,11 @@ def transform_kernel(m: int, k: int, n: int = 128) -> str:
     blocks: "tiles" or "rows"."""
     if TRANSFORM_KERNEL != "auto":
         return TRANSFORM_KERNEL
-    if k > ROWS_MAX_K:
-        return "tiles"
     blocks = k // n
-    return "rows" if m <= ROWS_MAX_M or (m > DECODE_MAX_M and blocks & (blocks - 1) == 0) else "tiles"
+    if k > ROWS_MAX_K:
+        wide_ok = (1 << (blocks - 1).bit_length()) * n <= ROWS_MAX_TILE
+        return "rows" if wide_ok and DECODE_MAX_M < m <= ROWS_WIDE_MAX_M else "tiles"
+    return "rows" if m <= ROWS_MAX_M or blocks & (blocks - 1) == 0 else "tiles"
 
 
 # The attention operands (Q, K, V per token and head: Hadamard + quantizer, KV-cache writes and

@@ -17,6 +17,8 @@ import torch
 import triton
 import triton.language as tl
 
+from duquant.kernels.triton_fused_input import inverse_rms, rms_normalized
+
 MAX_K = 16384  # a whole row sits in registers
 
 
@@ -28,11 +30,10 @@ def rms_norm_kernel(x_ptr, w_ptr, out_ptr, M, K, stride_x, stride_o, eps,
     ok = (rows < M)[:, None] & (cols < K)[None, :]
     x = tl.load(x_ptr + rows[:, None] * stride_x + cols[None, :], mask=ok, other=0.0)
     xf = x.to(tl.float32)
-    r = tl.math.rsqrt(tl.sum(xf * xf, axis=1) / K + eps)
-    y = (xf * r[:, None]).to(x.dtype)  # the normalised row in the input dtype, as transformers rounds it
-    if HAS_W:
-        w = tl.load(w_ptr + cols, mask=cols < K, other=0.0)
-        y = (w.to(tl.float32)[None, :] * y.to(tl.float32))
+    r = inverse_rms(tl.sum(xf * xf, axis=1), K, eps)
+    w = tl.load(w_ptr + cols, mask=cols < K, other=0.0)[None, :] if HAS_W else 0.0
+    # W_DT float32: no rounding of w·y here; the store rounds it to the promoted output dtype
+    y = rms_normalized(xf, r[:, None], w, x.dtype, tl.float32, HAS_W)
     tl.store(out_ptr + rows[:, None] * stride_o + cols[None, :], y.to(out_ptr.dtype.element_ty), mask=ok)
 
 

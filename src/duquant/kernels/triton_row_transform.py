@@ -15,15 +15,16 @@ the MMA's M dimension) instead of K/n small dependent ones (v1's latency chain):
     Y             = V · R̂₂, per-token min/max over the token's rows, codes, store.
 
 One launch, no inter-program barrier, HBM traffic = x + codes. Padded block rows (K/n
-not a power of two) are masked. T tokens per program keep the tile at ~128 rows at decode
-(one token) and 64 rows at prefill (T = 2 at K = 4096; `row_tile`). Up to session 7 the gather went
+not a power of two) are masked. One token per program up to 64 tokens, 64-row tiles above
+(T = 2 at K = 4096; `row_tile`). Up to session 7 the gather went
 through a global scratch row (store, CTA barrier, load): on the H100 the shared-memory
 gather took one token of K = 4096 from 7.1 to 6.7 µs and four tokens from 25.3 to 20.6 µs
 (results/kernels/session8/transform_breakdown.md; loading every factor at the start, or
 asking L2 for them first, gained ≤ 0.3 µs or lost, and were not kept).
 Numerics are those of the tiles kernel (fast: bf16 operands, the rotated row held as
 bf16; precise: fp32, 3×TF32 products). The fused RMSNorm and SwiGLU inputs of the
-tiles kernel are here too, simpler: the program holds whole rows, so Σx² is a row sum.
+tiles kernel are here too, simpler: the program holds whole rows, so Σx² is a row sum and
+the row is normalised (and rounded, as the model rounds it) before the transform.
 """
 from __future__ import annotations
 
@@ -34,6 +35,7 @@ from triton.language.extra.cuda import gdc_launch_dependents
 
 from duquant.kernels.dependent_launch import pdl_supported
 from duquant.kernels.norm import InputNorm
+from duquant.kernels.triton_fused_input import inverse_rms, rms_normalized, swiglu_rounded
 from duquant.kernels.triton_quant import centered_codes, reciprocal_codes, token_qparams
 from duquant.kernels.triton_transform import (
     _buffer,
@@ -73,15 +75,20 @@ def row_transform_quant_kernel(
     # smoothing and the quantizer) takes a slow path when the quotient is 0 (see the tiles
     # kernel's _rot1_store). Padding is masked out of every sum, min and max, and never stored.
     h = tl.load(x_ptr + offs, mask=ok, other=1.0).to(tl.float32)
-    if GATED:  # silu(gate)·up (x is the gate projection)
-        h = h * tl.sigmoid(h) * tl.load(up_ptr + offs, mask=ok, other=1.0).to(tl.float32)
-    if HAS_NORM:  # RMSNorm: codes from x·w, the scale divided by rms(x) at the end
+    DT: tl.constexpr = x_ptr.dtype.element_ty
+    if GATED:  # silu(gate)·up (x is the gate projection), rounded as the model rounds it
+        h = swiglu_rounded(h, tl.load(up_ptr + offs, mask=ok, other=1.0).to(tl.float32), DT)
+    if HAS_NORM:  # the model's RMSNorm output, rounded as it rounds it (triton_fused_input)
         sq = tl.sum(tl.where(ok, h * h, 0.0), axis=1)
-        rinv = 1.0 / tl.sqrt(tl.sum(tl.reshape(sq, [T, NB_PAD]), axis=1) / K + eps)  # [T]
+        rinv = inverse_rms(tl.sum(tl.reshape(sq, [T, NB_PAD]), axis=1), K, eps)  # [T]
+        rinv_rows = tl.reshape(tl.broadcast_to(rinv[:, None], [T, NB_PAD]), [R])[:, None]
         if NORM_W:  # one token's weights, shared by the T tokens
             b_w = tl.arange(0, NB_PAD)
             w = tl.load(norm_w_ptr + b_w[:, None] * N + c[None, :], mask=(b_w < NB)[:, None], other=1.0)
-            h = h * tl.reshape(tl.broadcast_to(w[None, :, :], [T, NB_PAD, N]), [R, N]).to(tl.float32)
+            w = tl.reshape(tl.broadcast_to(w[None, :, :], [T, NB_PAD, N]), [R, N])
+        else:
+            w = 0.0
+        h = rms_normalized(h, rinv_rows, w, DT, norm_w_ptr.dtype.element_ty, NORM_W)
     if HAS_SMOOTH:
         h = tl.math.div_rn(h, tl.load(smooth_ptr + col, mask=ok, other=1.0))
     rr = tl.arange(0, N)
@@ -108,29 +115,27 @@ def row_transform_quant_kernel(
     hi = tl.max(tl.reshape(tl.max(tl.where(ok, h, float("-inf")), axis=1), [T, NB_PAD]), axis=1)
     scale, zero = token_qparams(lo, hi, clip, qmax, SYMMETRIC)  # [T]
     ts = pid * T + tl.arange(0, T)
-    if HAS_NORM:
-        tl.store(scale_ptr + ts, scale * rinv, mask=ts < M)
-    else:
-        tl.store(scale_ptr + ts, scale, mask=ts < M)
+    tl.store(scale_ptr + ts, scale, mask=ts < M)
     scale_rows = tl.reshape(tl.broadcast_to(scale[:, None], [T, NB_PAD]), [R])
     zero_rows = tl.reshape(tl.broadcast_to(zero[:, None], [T, NB_PAD]), [R])
     a = centered_codes(h, scale_rows, zero_rows, qmax, RECIP)
     tl.store(out_ptr + tok.to(tl.int64)[:, None] * stride_om + col, a.to(out_ptr.dtype.element_ty), mask=ok)
 
 
-# Tile rows per program (T·NB_PAD) at decode and at prefill. H100, K = 4096 (results/kernels/
-# session11/transform_prefill.md): at M ≥ 2048, 64 rows and 4 warps (T = 2) beat 128 rows and
-# 8 warps by 1–22% (more programs share an SM); one decode token keeps its 32-row tile at 8 warps.
-DECODE_TILE_ROWS, PREFILL_TILE_ROWS = 128, 64
+# Tokens per program. H100 (results/kernels/session12/transform_small_m.md, K = 4096): up to 64
+# tokens one token per program is fastest (5.2–5.9 µs at M = 1…64; two per program 5.9–6.8,
+# session 11's decode tile of 128 rows, i.e. four tokens on 8 warps, 9–17 at M = 4…16); at
+# M = 256 and above 64-row tiles (T = 2 at K = 4096) win (6.6 against 8.3 µs; session 11:
+# by 1–22% at M ≥ 2048 over 128-row tiles).
+ONE_TOKEN_MAX_M, PREFILL_TILE_ROWS = 64, 64
 
 
 def row_tile(k: int, n: int, m: int = 1) -> tuple[int, int, int]:
-    """(NB_PAD, T, warps) for m tokens: block rows padded to a power of two, tokens per program
-    so that the tile has DECODE_TILE_ROWS rows (PREFILL_TILE_ROWS above ops.DECODE_MAX_M tokens),
-    8 warps above 8192 elements (≤ 64 fp32 registers per thread)."""
-    from duquant.kernels.ops import DECODE_MAX_M
+    """(NB_PAD, T, warps) for m tokens: block rows padded to a power of two; one token per
+    program up to ONE_TOKEN_MAX_M tokens, else PREFILL_TILE_ROWS tile rows; 4 warps up to 8192
+    tile elements, 8 above (K = 11008's 128 × 128 tile: 12.0 against 18.6 µs on 4 warps)."""
     nb_pad = triton.next_power_of_2(k // n)
-    t = max(1, (PREFILL_TILE_ROWS if m > DECODE_MAX_M else DECODE_TILE_ROWS) // nb_pad)
+    t = 1 if m <= ONE_TOKEN_MAX_M else max(1, PREFILL_TILE_ROWS // nb_pad)
     return nb_pad, t, 8 if t * nb_pad * n > 8192 else 4
 
 
@@ -152,7 +157,9 @@ def duquant_quantize_rows(x: torch.Tensor, rot1: torch.Tensor | None, perm: torc
         return out, scale
     f = prepared_factors(rot1, perm, rot2, smooth, precise)
     nb_pad, t, w = row_tile(k, n, m)
-    t = tokens_per_program or min(t, triton.next_power_of_2(m))  # decode: no empty token slots
+    if tokens_per_program:
+        t = tokens_per_program
+        w = 8 if t * nb_pad * n > 8192 else 4
     dummy = scale
     scratch = _buffer("rows", m * k, torch.float32, x.device) if precise and perm is not None else dummy
     norm_w = None if norm is None or norm.weight is None else norm.weight.contiguous()

@@ -40,6 +40,7 @@ from triton.language.extra.cuda import gdc_launch_dependents
 from duquant.kernels.dependent_launch import pdl_supported
 from duquant.kernels.norm import InputNorm, check_one_fused_op
 from duquant.kernels.tensor_cache import TensorKeyedCache
+from duquant.kernels.triton_fused_input import rms_normalized, row_rms_inverse, swiglu_rounded
 from duquant.kernels.triton_quant import centered_codes, reciprocal_codes, token_qparams
 
 
@@ -60,15 +61,15 @@ def _dot(a, b, PRECISE: tl.constexpr):
 
 @triton.jit
 def _rot1_store(x_ptr, smooth_ptr, r1, dest_ptr, vt_ptr, c, rm, store_ok, M, stride_xm, M_PAD,
-                norm_w_ptr, sumsq_ptr, up_ptr,
+                norm_w_ptr, rinv_ptr, up_ptr,
                 N1: tl.constexpr, HAS_SMOOTH: tl.constexpr, HAS_R1: tl.constexpr, HAS_DEST: tl.constexpr,
                 PRECISE: tl.constexpr, HAS_NORM: tl.constexpr, NORM_W: tl.constexpr, GATED: tl.constexpr):
     """vT[dest[c·N1 + j], rm[i]] = ((x·w/smooth)[rm[i], block c] · R̂₁)[i, j]; r1 is the loaded R̂₁.
-    HAS_NORM (a fused RMSNorm): also stores the block's Σx² of each token in sumsq[c], and
-    multiplies x by the norm weight w (NORM_W). The 1/rms factor itself is left out: it
-    scales a whole token row, which changes that token's scale, not its codes.
+    HAS_NORM (a fused RMSNorm): x becomes the model's RMSNorm output, from the token's
+    1/rms (rinv, a pass before this kernel) and the norm weight w (NORM_W), rounded as the
+    model rounds it (`triton_fused_input`).
     GATED (SwiGLU, the down_proj input): x is the gate projection and the transform's
-    input is silu(x)·up, computed here in float32 (up has x's strides)."""
+    input is silu(x)·up, rounded as the model rounds it (up has x's strides)."""
     rn = tl.arange(0, N1)
     cols = c * N1 + rn
     offs = rm.to(tl.int64)[:, None] * stride_xm + cols[None, :]
@@ -78,14 +79,13 @@ def _rot1_store(x_ptr, smooth_ptr, r1, dest_ptr, vt_ptr, c, rm, store_ok, M, str
     # scripts/transform_small_m.py). Padding rows are never stored.
     h = tl.load(x_ptr + offs, mask=(rm < M)[:, None], other=1.0)
     h = h.to(tl.float32)
+    DT: tl.constexpr = x_ptr.dtype.element_ty
     if GATED:
-        h = h * tl.sigmoid(h) * tl.load(up_ptr + offs, mask=(rm < M)[:, None], other=1.0).to(tl.float32)
+        h = swiglu_rounded(h, tl.load(up_ptr + offs, mask=(rm < M)[:, None], other=1.0).to(tl.float32), DT)
     if HAS_NORM:
-        # one partial sum per (block, token), added up in block order later: float atomics would
-        # add them in arrival order, and the scales would differ in their last bits run to run
-        tl.store(sumsq_ptr + c * M_PAD + rm, tl.sum(h * h, axis=1), mask=(rm >= 0) & store_ok)
-        if NORM_W:
-            h = h * tl.load(norm_w_ptr + cols).to(tl.float32)[None, :]
+        rinv = tl.load(rinv_ptr + rm, mask=rm < M, other=1.0)[:, None]
+        w = tl.load(norm_w_ptr + cols)[None, :] if NORM_W else 0.0
+        h = rms_normalized(h, rinv, w, DT, norm_w_ptr.dtype.element_ty, NORM_W)
     if HAS_SMOOTH:
         h = tl.math.div_rn(h, tl.load(smooth_ptr + cols)[None, :])
     if HAS_R1:
@@ -153,8 +153,8 @@ def _arrive_and_wait(counter_ptr, target):
 @triton.jit
 def transform_quant_kernel(
     x_ptr, smooth_ptr, rot1_ptr, dest_ptr, vt_ptr, rot2t_ptr, srow_ptr, ocol_ptr, rowmin_ptr, rowmax_ptr, out_ptr,
-    scale_ptr, sync_ptr, norm_w_ptr, sumsq_ptr, rinv_ptr, up_ptr, M, stride_xm, M_PAD, NA, NB, P, stride_om, post_scale,
-    clip, qmax, inv_k, eps,
+    scale_ptr, sync_ptr, norm_w_ptr, rinv_ptr, up_ptr, M, stride_xm, M_PAD, NA, NB, P, stride_om, post_scale,
+    clip, qmax,
     N1: tl.constexpr, N2: tl.constexpr, KC: tl.constexpr, BLOCK_M: tl.constexpr, SUB: tl.constexpr,
     HAS_SMOOTH: tl.constexpr, HAS_R1: tl.constexpr, HAS_DEST: tl.constexpr, HAS_R2: tl.constexpr,
     HAS_MAP: tl.constexpr, PRECISE: tl.constexpr, STAGE: tl.constexpr, SYMMETRIC: tl.constexpr,
@@ -177,10 +177,10 @@ def transform_quant_kernel(
     which the host guarantees by launching this form only for P ≤ SMs. The last program
     of a group resets its counter and the last program of the launch the ticket, so the
     next launch (or CUDA graph replay) finds zeros.
-    HAS_NORM fuses the RMSNorm that produces x: stage 1 stores each block's Σx² per token in
-    sumsq [NA, M_PAD]; the block-0 program of stage 2 adds them up in block order (the same
-    bits every run) into 1/rms (rinv); stage 3 stores the token's scale times 1/rms. Codes are computed on the
-    unnormalised row (per-token quantization is invariant to a per-token factor).
+    HAS_NORM fuses the RMSNorm that produces x: stage 1 normalises its block with the
+    token's 1/rms, which `triton_fused_input.row_rms_inverse` wrote before this launch (a
+    block never sees the whole row; session 11 summed Σx² across blocks here and left 1/rms
+    for the scale, which skipped the model's rounding of the normalised row).
     LAUNCH_DEPENDENTS (the launch that writes the codes): a decode GEMV launched after this
     one with PDL may start now (`dependent_launch`); it waits for this grid's end before
     reading the codes. The GEMV starts only once every program here has started, so the
@@ -203,7 +203,7 @@ def transform_quant_kernel(
         for sub in range(SUB):
             rm = m0 + sub * BLOCK_M + tl.arange(0, BLOCK_M)
             _rot1_store(x_ptr, smooth_ptr, r1, dest_ptr, vt_ptr, ba, rm, b < NA, M, stride_xm, M_PAD,
-                        norm_w_ptr, sumsq_ptr, up_ptr, N1, HAS_SMOOTH, HAS_R1, HAS_DEST, PRECISE, HAS_NORM, NORM_W,
+                        norm_w_ptr, rinv_ptr, up_ptr, N1, HAS_SMOOTH, HAS_R1, HAS_DEST, PRECISE, HAS_NORM, NORM_W,
                         GATED)
             if b == 0:
                 tl.store(rowmin_ptr + rm, tl.full([BLOCK_M], float("inf"), tl.float32))
@@ -232,14 +232,6 @@ def transform_quant_kernel(
             b_ok = tl.full([BLOCK_M], 1, tl.int1) & (b < NB)
             tl.atomic_min(rowmin_ptr + rm, lo, mask=b_ok, sem="relaxed")
             tl.atomic_max(rowmax_ptr + rm, hi, mask=b_ok, sem="relaxed")
-            if HAS_NORM:
-                if b == 0:  # every stage-1 sum has landed (barrier or previous launch)
-                    ss = tl.zeros([BLOCK_M], tl.float32)
-                    blk = 0
-                    while blk < NA:  # (a while loop: the CPU interpreter cannot range over a runtime int here)
-                        ss += tl.load(sumsq_ptr + blk * M_PAD + rm, cache_modifier=".cg")
-                        blk += 1
-                    tl.store(rinv_ptr + rm, 1.0 / tl.sqrt(ss * inv_k + eps))
     if STAGE == 0:
         _arrive_and_wait(group_counter, 2 * P)
     if STAGE == 0 or STAGE == 3:
@@ -252,10 +244,7 @@ def transform_quant_kernel(
             scale, zero = token_qparams(row_min, row_max, clip, qmax, SYMMETRIC)
             m_ok = rm < M
             if b == 0:
-                if HAS_NORM:
-                    tl.store(scale_ptr + rm, scale * tl.load(rinv_ptr + rm, cache_modifier=".cg"), mask=m_ok)
-                else:
-                    tl.store(scale_ptr + rm, scale, mask=m_ok)
+                tl.store(scale_ptr + rm, scale, mask=m_ok)
             # centered_codes works on rows; here tokens are columns: transpose the tile once.
             a = centered_codes(tl.trans(y), scale, zero, qmax, RECIP)  # [BLOCK_M, N2]
             ok = m_ok[:, None] & valid[None, :] & (b < NB)
@@ -441,11 +430,10 @@ def two_stage_quantize(x: torch.Tensor, n1: int, rot1: torch.Tensor | None, dest
             srow if has_map else dummy, ocol if has_map else dummy, row_range[:m_pad], row_range[m_pad:], out, scale,
             _sync_counters(groups, x.device) if fused else dummy,
             norm_w if norm_w is not None else dummy,
-            _buffer("sumsq", na * m_pad, torch.float32, x.device) if norm is not None else dummy,
-            _buffer("rinv", m_pad, torch.float32, x.device) if norm is not None else dummy,
+            row_rms_inverse(x2, norm.eps, _buffer("rinv", m, torch.float32, x.device)) if norm is not None else dummy,
             up2 if up2 is not None else dummy,
             m, x2.stride(0), m_pad, na, nb, programs, out.stride(0), float(post_scale), float(clip),
-            float((1 << bits) - 1), 1.0 / k, float(norm.eps) if norm is not None else 0.0)
+            float((1 << bits) - 1))
     if fused:
         transform_quant_kernel[(groups * programs,)](*args, STAGE=0, **meta)
     else:
