@@ -611,11 +611,13 @@ def test_kv_quant_kernels_on_gpu(b: int, h: int, t: int, d: int, hadamard: bool)
     assert torch.equal(read[:, :, 3:3 + t], got)
 
 
+@pytest.mark.parametrize("variant", [{}, {"fold": False}, {"stages": 2, "warps": 8}, {"dot": True}, {"dot": True, "stages": 2}])
 @pytest.mark.parametrize("b, hq, hkv, length, d", [(1, 32, 32, 2056, 128), (16, 32, 32, 2056, 128), (2, 9, 3, 77, 64)])
-def test_decode_attention_from_codes_on_gpu(b: int, hq: int, hkv: int, length: int, d: int) -> None:
+def test_decode_attention_from_codes_on_gpu(b: int, hq: int, hkv: int, length: int, d: int, variant: dict) -> None:
     """triton_decode_attention (bf16 query, 4-bit K/V codes) against SDPA over the dequantized BF16
-    cache with a causal + padding mask: SDPA rounds its probabilities to BF16, this kernel does not,
-    so agreement is to BF16 precision."""
+    cache with a causal + padding mask: SDPA rounds its probabilities to BF16, this kernel does not
+    (nor, folded, K and V), so agreement is to BF16 precision. Default, session 10's unfolded form,
+    pipelined loads."""
     import torch.nn.functional as F
 
     from duquant.kernels.triton_decode_attention import decode_attention
@@ -629,7 +631,7 @@ def test_decode_attention_from_codes_on_gpu(b: int, hq: int, hkv: int, length: i
     mask[..., length - 8:] = False
     mask[0, ..., :5] = False
     _poison_allocator()
-    out = decode_attention(query, keys, values, mask, d ** -0.5)
+    out = decode_attention(query, keys, values, mask, d ** -0.5, **variant)
     k = decode_rows(keys, spec, torch.bfloat16).repeat_interleave(hq // hkv, dim=1)
     v = decode_rows(values, spec, torch.bfloat16).repeat_interleave(hq // hkv, dim=1)
     want = F.scaled_dot_product_attention(query, k, v, attn_mask=mask).transpose(1, 2)

@@ -541,11 +541,15 @@ def test_static_kv_cache_on_kernels_decodes_like_the_growing_cache(monkeypatch: 
     assert torch.allclose(got, want, atol=1e-4, rtol=1e-4), float((got - want).abs().max())
 
 
+@pytest.mark.parametrize("variant", ["fold", "unfolded", "dot"])
 @pytest.mark.parametrize("b, hq, hkv, length, d, masked", [(2, 6, 2, 150, 64, True), (1, 2, 2, 70, 128, False),
                                                            (3, 4, 1, 33, 16, True)])
-def test_decode_attention_from_codes_matches_sdpa(b: int, hq: int, hkv: int, length: int, d: int, masked: bool) -> None:
+def test_decode_attention_from_codes_matches_sdpa(b: int, hq: int, hkv: int, length: int, d: int, masked: bool,
+                                                  variant: str) -> None:
     """triton_decode_attention over 4-bit codes = SDPA over the dequantized cache (GQA, splits of the
-    positions, a padding + causal mask shared by the batch or per sequence, or no mask)."""
+    positions, a padding + causal mask shared by the batch or per sequence, or no mask), with the
+    row scale and zero folded out of the per-element work (the default), without, and with the
+    products on the tensor cores (probabilities rounded to fp16: a looser tolerance)."""
     import torch.nn.functional as F
 
     from duquant.kernels.triton_decode_attention import decode_attention
@@ -555,14 +559,17 @@ def test_decode_attention_from_codes_matches_sdpa(b: int, hq: int, hkv: int, len
     spec = QuantSpec(bits=4, symmetric=False, clip=1.0)
     keys, values = (encode_rows(torch.randn(b, hkv, length, d, generator=gen) * 2, spec) for _ in range(2))
     query = torch.randn(b, hq, 1, d, generator=gen)
+    if variant == "dot":  # the query as the model hands it over (bf16 values), exact in the product
+        query = query.to(torch.bfloat16).float()
     mask = None
     if masked:
         mask = torch.ones(b, 1, 1, length, dtype=torch.bool)
         mask[..., length - 5:] = False  # positions not written yet
         mask[0, ..., :7] = False  # left padding of the first sequence
-    out = decode_attention(query, keys, values, mask, 0.3)
+    out = decode_attention(query, keys, values, mask, 0.3, fold=variant != "unfolded", dot=variant == "dot")
     k = decode_rows(keys, spec, torch.float32).repeat_interleave(hq // hkv, dim=1)
     v = decode_rows(values, spec, torch.float32).repeat_interleave(hq // hkv, dim=1)
     want = F.scaled_dot_product_attention(query, k, v, attn_mask=mask, scale=0.3).transpose(1, 2)
     assert out.shape == (b, 1, hq, d)
-    assert torch.allclose(out, want, atol=2e-5, rtol=1e-5), float((out - want).abs().max())
+    tol = 2e-3 if variant == "dot" else 2e-5  # the dot rounds p·s to fp16
+    assert torch.allclose(out, want, atol=tol, rtol=tol / 2), float((out - want).abs().max())

@@ -7,12 +7,20 @@ traffic of a BF16 cache; this kernel reads the codes once, about 0.3× (codes + 
 and zero per 64 bytes of 128 codes).
 
 Stage 1, one program per (sequence, query head, split of the positions): for tiles of BLOCK_N
-positions, dequantize K (rounded to the model dtype, as the reference path's BF16 K is), scores
-q·k · scaling where the boolean mask allows (else −inf), an online softmax, and the V sum; it
-writes its running max, its sum of exponentials and its unnormalised output. Stage 2 merges the
-splits of each (sequence, head). Grouped-query attention: query head h reads KV head
-h // (Hq / Hkv). All arithmetic after the dequantization is float32 (SDPA's flash kernel rounds
-the probabilities to BF16 before P·V: expect differences of that order, not bit equality).
+positions, scores q·k · scaling where the boolean mask allows (else −inf), an online softmax, and
+the V sum; it writes its running max, its sum of exponentials and its unnormalised output. Stage
+2 merges the splits of each (sequence, head). Grouped-query attention: query head h reads KV head
+h // (Hq / Hkv).
+
+The codes are never dequantized element by element (session 12, `_attend_tile` FOLD and DOT):
+each row's scale s and zero z come out of the sums, q·((c − z)·s) = s·(q·c − z·Σq) and
+Σ p·(c − z)·s = Σ (p·s)·c − Σ p·s·z, and both sums over codes run on the tensor cores with the
+query or the probabilities padded to 16 MMA rows. H100, 7B shapes, 2048-token cache
+(results/kernels/session12/decode_attention.md): batch 1 / 16 / 64 21.7 / 247 / 932 µs with
+session 10's per-element dequantization, 18.6 / 178 / 657 µs now (BF16 SDPA over a BF16 cache:
+17.6 / 185 / 705); still ~3.5× the bytes floor of the codes. Numerics: float32 but for p·s
+rounded to fp16 (SDPA's flash kernel rounds its probabilities to BF16) and K and V not rounded
+to the model dtype: expect differences of that order from the reference path, not bit equality.
 """
 from __future__ import annotations
 
@@ -41,19 +49,69 @@ def _dequantized_tile(codes_ptr, scale_ptr, zero_ptr, row0, pos, pos_ok, D: tl.c
 
 
 @triton.jit
-def _attend_tile(q, kc_ptr, ks_ptr, kz_ptr, vc_ptr, vs_ptr, vz_ptr, mask_stride, mask_row, row0, pos, pos_ok,
-                 m, s_exp, acc, scaling, D: tl.constexpr, HAS_MASK: tl.constexpr, OUT_DTYPE: tl.constexpr):
-    """One tile of positions into the running (max, sum of exponentials, unnormalised output)."""
+def _code_tile(codes_ptr, scale_ptr, zero_ptr, row0, pos, pos_ok, D: tl.constexpr):
+    """Rows row0 + pos of a packed cache tensor as float32 codes [BLOCK_N, D] (not dequantized),
+    with their scale and zero point [BLOCK_N]. The codes become floats by placing the 4-bit value
+    in the mantissa of 2^23 and subtracting 2^23 (an OR and an add instead of a conversion)."""
+    half = tl.arange(0, D // 2)
+    rows = row0 + pos.to(tl.int64)
+    packed = tl.load(codes_ptr + rows[:, None] * (D // 2) + half[None, :], mask=pos_ok[:, None], other=0)
+    codes = unpack_nibbles(packed.to(tl.int32), pos.shape[0], D)
+    codes = (codes | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
+    return codes, tl.load(scale_ptr + rows, mask=pos_ok, other=0.0), tl.load(zero_ptr + rows, mask=pos_ok, other=0.0)
+
+
+@triton.jit
+def _row0_product(row, tile, TRANS: tl.constexpr):
+    """row · tile (TRANS: row · tileᵀ) on the tensor cores: the row is padded to the MMA's 16
+    rows (15 of them zero) and row 0 of the float32 product is returned."""
+    first = tl.arange(0, 16)[:, None] == 0
+    lhs = tl.where(first, row[None, :], 0.0).to(tile.dtype)
+    rhs = tl.trans(tile) if TRANS else tile
+    if _INTERPRET:  # the interpreter's bf16 products are wrong: the same rounded values in float32
+        lhs, rhs = lhs.to(tl.float32), rhs.to(tl.float32)
+    prod = tl.dot(lhs, rhs)
+    return tl.sum(tl.where(first, prod, 0.0), axis=0)
+
+
+@triton.jit
+def _attend_tile(q, q_sum, kc_ptr, ks_ptr, kz_ptr, vc_ptr, vs_ptr, vz_ptr, mask_stride, mask_row, row0, pos, pos_ok,
+                 m, s_exp, acc, scaling, D: tl.constexpr, HAS_MASK: tl.constexpr, OUT_DTYPE: tl.constexpr,
+                 FOLD: tl.constexpr, DOT: tl.constexpr):
+    """One tile of positions into the running (max, sum of exponentials, unnormalised output).
+    FOLD: the per-row scale s and zero z stay out of the per-element work, q·((c − z)·s) =
+    s·(q·c − z·Σq) and Σ p·(c − z)·s = Σ (p·s)·c − Σ p·s·z (no model-dtype rounding of K and V);
+    else each element is dequantized and rounded to the model dtype first (session 10's kernel).
+    DOT (with FOLD): q·codes and (p·s)·codes as tensor-core products (`_row0_product`; codes are
+    exact in bf16/fp16, q is the bf16 query, p·s is rounded to fp16 as SDPA rounds its
+    probabilities) instead of CUDA-core multiply-adds and reductions."""
     if HAS_MASK:
         pos_ok = pos_ok & (tl.load(mask_row + pos.to(tl.int64) * mask_stride, mask=pos_ok, other=0) != 0)
-    k = _dequantized_tile(kc_ptr, ks_ptr, kz_ptr, row0, pos, pos_ok, D, OUT_DTYPE)
-    scores = tl.where(pos_ok, tl.sum(k * q[None, :], axis=1) * scaling, float("-inf"))
+    if FOLD:
+        kc, ks, kz = _code_tile(kc_ptr, ks_ptr, kz_ptr, row0, pos, pos_ok, D)
+        if DOT:
+            qk = _row0_product(q, kc.to(tl.bfloat16), True)
+        else:
+            qk = tl.sum(kc * q[None, :], axis=1)
+        dots = ks * (qk - kz * q_sum)
+    else:
+        dots = tl.sum(_dequantized_tile(kc_ptr, ks_ptr, kz_ptr, row0, pos, pos_ok, D, OUT_DTYPE) * q[None, :], axis=1)
+    scores = tl.where(pos_ok, dots * scaling, float("-inf"))
     m_new = tl.maximum(m, tl.max(scores, axis=0))
     m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # all masked so far: no (−inf) − (−inf)
     p = tl.exp(scores - m_ref)
     decay = tl.exp(m - m_ref)
-    v = _dequantized_tile(vc_ptr, vs_ptr, vz_ptr, row0, pos, pos_ok, D, OUT_DTYPE)
-    return m_new, s_exp * decay + tl.sum(p, axis=0), acc * decay + tl.sum(p[:, None] * v, axis=0)
+    if FOLD:
+        vc, vs, vz = _code_tile(vc_ptr, vs_ptr, vz_ptr, row0, pos, pos_ok, D)
+        ps = p * vs
+        if DOT:
+            ps = ps.to(tl.float16).to(tl.float32)  # the product's operand, also in the zero-point term
+            pv = _row0_product(ps, vc.to(tl.float16), False) - tl.sum(ps * vz, axis=0)
+        else:
+            pv = tl.sum(ps[:, None] * vc, axis=0) - tl.sum(ps * vz, axis=0)
+    else:
+        pv = tl.sum(p[:, None] * _dequantized_tile(vc_ptr, vs_ptr, vz_ptr, row0, pos, pos_ok, D, OUT_DTYPE), axis=0)
+    return m_new, s_exp * decay + tl.sum(p, axis=0), acc * decay + pv
 
 
 @triton.jit
@@ -61,13 +119,15 @@ def decode_attention_split_kernel(q_ptr, kc_ptr, ks_ptr, kz_ptr, vc_ptr, vs_ptr,
                                   m_ptr, l_ptr, acc_ptr, HQ, GROUP, HKV, L, CHUNK, TILES, SPLITS,
                                   sqb, sqh, smb, sml, scaling,
                                   D: tl.constexpr, BLOCK_N: tl.constexpr, HAS_MASK: tl.constexpr,
-                                  OUT_DTYPE: tl.constexpr):
+                                  OUT_DTYPE: tl.constexpr, FOLD: tl.constexpr = True, STAGES: tl.constexpr = 1,
+                                  DOT: tl.constexpr = True):
     bh = tl.program_id(0)  # b · HQ + h
     split = tl.program_id(1)
     b = bh // HQ
     h = bh % HQ
     d = tl.arange(0, D)
     q = tl.load(q_ptr + b.to(tl.int64) * sqb + h * sqh + d).to(tl.float32)
+    q_sum = tl.sum(q, axis=0)
     row0 = (b.to(tl.int64) * HKV + h // GROUP) * L
     mask_row = mask_ptr + b.to(tl.int64) * smb
     m = tl.full([1], float("-inf"), tl.float32)
@@ -78,14 +138,14 @@ def decode_attention_split_kernel(q_ptr, kc_ptr, ks_ptr, kz_ptr, vc_ptr, vs_ptr,
         tile = 0
         while tile < TILES:
             pos = start + tile * BLOCK_N + tl.arange(0, BLOCK_N)
-            m, s_exp, acc = _attend_tile(q, kc_ptr, ks_ptr, kz_ptr, vc_ptr, vs_ptr, vz_ptr, sml, mask_row, row0, pos,
-                                         pos < L, m, s_exp, acc, scaling, D, HAS_MASK, OUT_DTYPE)
+            m, s_exp, acc = _attend_tile(q, q_sum, kc_ptr, ks_ptr, kz_ptr, vc_ptr, vs_ptr, vz_ptr, sml, mask_row,
+                                         row0, pos, pos < L, m, s_exp, acc, scaling, D, HAS_MASK, OUT_DTYPE, FOLD, DOT)
             tile += 1
     else:
-        for tile in range(TILES):
+        for tile in tl.range(TILES, num_stages=STAGES):  # STAGES > 1: the next tiles' loads in flight
             pos = start + tile * BLOCK_N + tl.arange(0, BLOCK_N)
-            m, s_exp, acc = _attend_tile(q, kc_ptr, ks_ptr, kz_ptr, vc_ptr, vs_ptr, vz_ptr, sml, mask_row, row0, pos,
-                                         pos < L, m, s_exp, acc, scaling, D, HAS_MASK, OUT_DTYPE)
+            m, s_exp, acc = _attend_tile(q, q_sum, kc_ptr, ks_ptr, kz_ptr, vc_ptr, vs_ptr, vz_ptr, sml, mask_row,
+                                         row0, pos, pos < L, m, s_exp, acc, scaling, D, HAS_MASK, OUT_DTYPE, FOLD, DOT)
     part = bh.to(tl.int64) * SPLITS + split
     tl.store(m_ptr + part + tl.arange(0, 1), m)
     tl.store(l_ptr + part + tl.arange(0, 1), s_exp)
@@ -132,11 +192,13 @@ def _splits(programs: int, length: int, device: torch.device) -> int:
 
 
 def decode_attention(query: torch.Tensor, key_parts: tuple[torch.Tensor, ...], value_parts: tuple[torch.Tensor, ...],
-                     mask: torch.Tensor | None, scaling: float) -> torch.Tensor:
+                     mask: torch.Tensor | None, scaling: float, fold: bool = True, stages: int = 1,
+                     warps: int = 4, dot: bool = True) -> torch.Tensor:
     """softmax(q·Kᵀ·scaling, masked)·V for query [B, Hq, 1, D] over a StaticQuantizedKVCache layer's
     (packed codes [B, Hkv, L, D/2], scale, zero [B, Hkv, L, 1]) for K and V; mask bool
     [B or 1, 1, 1, L] (True: attend) or None (all positions). Returns [B, 1, Hq, D] (the layout
-    transformers' attention functions return), in query's dtype."""
+    transformers' attention functions return), in query's dtype. fold, stages, warps: the split
+    kernel's FOLD, STAGES, num_warps and DOT (defaults from `scripts/decode_attention_speed.py`)."""
     b, hq, _, d = query.shape
     hkv, length = key_parts[0].shape[1], key_parts[0].shape[2]
     splits = _splits(b * hq, length, query.device)
@@ -156,7 +218,7 @@ def decode_attention(query: torch.Tensor, key_parts: tuple[torch.Tensor, ...], v
         query, *key_parts, *value_parts, query if mask is None else mask, m, s_exp, acc, hq, hq // hkv, hkv, length,
         chunk, chunk // BLOCK_N, splits, query.stride(0), query.stride(1),
         smb, sml, float(scaling), D=d, BLOCK_N=BLOCK_N, HAS_MASK=mask is not None,
-        OUT_DTYPE=_TL_DTYPES[query.dtype], num_warps=4)
+        OUT_DTYPE=_TL_DTYPES[query.dtype], FOLD=fold, STAGES=stages, DOT=dot and fold, num_warps=warps)
     decode_attention_merge_kernel[(b * hq,)](m, s_exp, acc, out, hq, splits, out.stride(0), out.stride(2), D=d,
                                              BLOCK_S=max(2, triton.next_power_of_2(splits)), num_warps=4)
     return out
