@@ -611,29 +611,34 @@ def test_kv_quant_kernels_on_gpu(b: int, h: int, t: int, d: int, hadamard: bool)
     assert torch.equal(read[:, :, 3:3 + t], got)
 
 
-@pytest.mark.parametrize("variant", [{}, {"fold": False}, {"stages": 2, "warps": 8}, {"dot": True}, {"dot": True, "stages": 2}])
+@pytest.mark.parametrize("variant, dtype", [({}, torch.bfloat16), ({}, torch.float16), ({}, torch.float32),
+                                            ({"fold": False}, torch.bfloat16), ({"dot": False}, torch.bfloat16),
+                                            ({"stages": 2, "warps": 8}, torch.bfloat16)])
 @pytest.mark.parametrize("b, hq, hkv, length, d", [(1, 32, 32, 2056, 128), (16, 32, 32, 2056, 128), (2, 9, 3, 77, 64)])
-def test_decode_attention_from_codes_on_gpu(b: int, hq: int, hkv: int, length: int, d: int, variant: dict) -> None:
-    """triton_decode_attention (bf16 query, 4-bit K/V codes) against SDPA over the dequantized BF16
-    cache with a causal + padding mask: SDPA rounds its probabilities to BF16, this kernel does not
-    (nor, folded, K and V), so agreement is to BF16 precision. Default, session 10's unfolded form,
-    pipelined loads."""
+def test_decode_attention_from_codes_on_gpu(b: int, hq: int, hkv: int, length: int, d: int, variant: dict,
+                                            dtype: torch.dtype) -> None:
+    """triton_decode_attention (4-bit K/V codes; query and cache dtype bf16, fp16 or fp32) against SDPA
+    over the dequantized cache with a causal + padding mask: the kernels' roundings differ (SDPA
+    rounds its probabilities to BF16, the default kernel p·s to fp16, session 10's form rounds K and
+    V to the model dtype), so agreement is to that precision. The default, then session 10's
+    unfolded form, the folded form on the CUDA cores, pipelined loads."""
     import torch.nn.functional as F
 
     from duquant.kernels.triton_decode_attention import decode_attention
     from duquant.quant.quantizer import QuantSpec
     from duquant.quant.row_codes import decode_rows, encode_rows
     spec = QuantSpec(bits=4, symmetric=False, clip=1.0)
-    keys, values = (encode_rows(torch.randn(b, hkv, length, d, device="cuda", dtype=torch.bfloat16), spec)
+    keys, values = (encode_rows(torch.randn(b, hkv, length, d, device="cuda", dtype=dtype), spec)
                     for _ in range(2))
-    query = torch.randn(b, hq, 1, d, device="cuda", dtype=torch.bfloat16)
+    query = torch.randn(b, hq, 1, d, device="cuda", dtype=dtype)
     mask = torch.ones(b, 1, 1, length, dtype=torch.bool, device="cuda")
     mask[..., length - 8:] = False
     mask[0, ..., :5] = False
     _poison_allocator()
     out = decode_attention(query, keys, values, mask, d ** -0.5, **variant)
-    k = decode_rows(keys, spec, torch.bfloat16).repeat_interleave(hq // hkv, dim=1)
-    v = decode_rows(values, spec, torch.bfloat16).repeat_interleave(hq // hkv, dim=1)
+    assert out.dtype == dtype
+    k = decode_rows(keys, spec, dtype).repeat_interleave(hq // hkv, dim=1)
+    v = decode_rows(values, spec, dtype).repeat_interleave(hq // hkv, dim=1)
     want = F.scaled_dot_product_attention(query, k, v, attn_mask=mask).transpose(1, 2)
     assert out.shape == want.shape and torch.isfinite(out).all()
     err = (out.float() - want.float()).abs().max() / want.float().abs().max()

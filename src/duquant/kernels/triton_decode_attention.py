@@ -15,7 +15,7 @@ h // (Hq / Hkv).
 The codes are never dequantized element by element (session 12, `_attend_tile` FOLD and DOT):
 each row's scale s and zero z come out of the sums, q·((c − z)·s) = s·(q·c − z·Σq) and
 Σ p·(c − z)·s = Σ (p·s)·c − Σ p·s·z, and both sums over codes run on the tensor cores with the
-query or the probabilities padded to 16 MMA rows. H100, 7B shapes, 2048-token cache
+query (in its dtype) or the probabilities (fp16) padded to 16 MMA rows. H100, 7B shapes, 2048-token cache
 (results/kernels/session12/decode_attention.md): batch 1 / 16 / 64 21.7 / 247 / 932 µs with
 session 10's per-element dequantization, 18.6 / 178 / 657 µs now (BF16 SDPA over a BF16 cache:
 17.6 / 185 / 705); still ~3.5× the bytes floor of the codes. Numerics: float32 but for p·s
@@ -64,13 +64,17 @@ def _code_tile(codes_ptr, scale_ptr, zero_ptr, row0, pos, pos_ok, D: tl.constexp
 @triton.jit
 def _row0_product(row, tile, TRANS: tl.constexpr):
     """row · tile (TRANS: row · tileᵀ) on the tensor cores: the row is padded to the MMA's 16
-    rows (15 of them zero) and row 0 of the float32 product is returned."""
+    rows (15 of them zero), rounded to the tile's dtype, and row 0 of the float32 product is
+    returned (a float32 tile multiplies in IEEE float32, not TF32)."""
     first = tl.arange(0, 16)[:, None] == 0
     lhs = tl.where(first, row[None, :], 0.0).to(tile.dtype)
     rhs = tl.trans(tile) if TRANS else tile
     if _INTERPRET:  # the interpreter's bf16 products are wrong: the same rounded values in float32
         lhs, rhs = lhs.to(tl.float32), rhs.to(tl.float32)
-    prod = tl.dot(lhs, rhs)
+    if tile.dtype == tl.float32:
+        prod = tl.dot(lhs, rhs, input_precision="ieee")
+    else:
+        prod = tl.dot(lhs, rhs)
     return tl.sum(tl.where(first, prod, 0.0), axis=0)
 
 
@@ -82,15 +86,15 @@ def _attend_tile(q, q_sum, kc_ptr, ks_ptr, kz_ptr, vc_ptr, vs_ptr, vz_ptr, mask_
     FOLD: the per-row scale s and zero z stay out of the per-element work, q·((c − z)·s) =
     s·(q·c − z·Σq) and Σ p·(c − z)·s = Σ (p·s)·c − Σ p·s·z (no model-dtype rounding of K and V);
     else each element is dequantized and rounded to the model dtype first (session 10's kernel).
-    DOT (with FOLD): q·codes and (p·s)·codes as tensor-core products (`_row0_product`; codes are
-    exact in bf16/fp16, q is the bf16 query, p·s is rounded to fp16 as SDPA rounds its
-    probabilities) instead of CUDA-core multiply-adds and reductions."""
+    DOT (with FOLD): q·codes and (p·s)·codes as tensor-core products (`_row0_product`; the codes
+    are exact in any float dtype, q keeps its own dtype OUT_DTYPE, p·s is rounded to fp16 as SDPA
+    rounds its probabilities) instead of CUDA-core multiply-adds and reductions."""
     if HAS_MASK:
         pos_ok = pos_ok & (tl.load(mask_row + pos.to(tl.int64) * mask_stride, mask=pos_ok, other=0) != 0)
     if FOLD:
         kc, ks, kz = _code_tile(kc_ptr, ks_ptr, kz_ptr, row0, pos, pos_ok, D)
         if DOT:
-            qk = _row0_product(q, kc.to(tl.bfloat16), True)
+            qk = _row0_product(q, kc.to(OUT_DTYPE), True)
         else:
             qk = tl.sum(kc * q[None, :], axis=1)
         dots = ks * (qk - kz * q_sum)
@@ -197,8 +201,8 @@ def decode_attention(query: torch.Tensor, key_parts: tuple[torch.Tensor, ...], v
     """softmax(q·Kᵀ·scaling, masked)·V for query [B, Hq, 1, D] over a StaticQuantizedKVCache layer's
     (packed codes [B, Hkv, L, D/2], scale, zero [B, Hkv, L, 1]) for K and V; mask bool
     [B or 1, 1, 1, L] (True: attend) or None (all positions). Returns [B, 1, Hq, D] (the layout
-    transformers' attention functions return), in query's dtype. fold, stages, warps: the split
-    kernel's FOLD, STAGES, num_warps and DOT (defaults from `scripts/decode_attention_speed.py`)."""
+    transformers' attention functions return), in query's dtype. fold, stages, warps, dot: the
+    split kernel's FOLD, STAGES, num_warps and DOT (defaults from `scripts/decode_attention_speed.py`)."""
     b, hq, _, d = query.shape
     hkv, length = key_parts[0].shape[1], key_parts[0].shape[2]
     splits = _splits(b * hq, length, query.device)
