@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from duquant.bench.kernels import _graph_bench
-from duquant.bench.output import write_results
+from duquant.bench.output import report
 from duquant.kernels.triton_decode_attention import decode_attention
 from duquant.quant.quantizer import QuantSpec
 from duquant.quant.row_codes import decode_rows, encode_rows
@@ -37,7 +37,6 @@ def main() -> None:
     p.add_argument("--out-json", default=None)
     p.add_argument("--out-md", default=None)
     args = p.parse_args()
-    import triton
     torch.manual_seed(0)
     spec = QuantSpec(bits=4, symmetric=False, clip=1.0)
     rows, lines = [], ["| heads (q/kv) × dim | batch | variant | µs | vs BF16 SDPA | bytes floor µs | rel. error |",
@@ -67,14 +66,10 @@ def main() -> None:
                 rows.append({"shape": shape, "batch": b, "variant": name, "us": us, "floor_us": floor, "rel_err": err})
                 lines.append(f"| {shape} | {b} | {name} | {us:.1f} | {sdpa / us:.2f}× | {floor:.1f} | {err:.1e} |")
                 print(lines[-1], flush=True)
-            del k16, v16, keys, values, kd, vd
+            k16 = v16 = keys = values = kd = vd = None  # free before the next size (the lambdas read these names)
             torch.cuda.empty_cache()
-    head = (f"GPU {torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}; "
-            f"one layer's decode attention, {args.length}-token cache; CUDA-graph µs per call "
-            "(4 calls per graph, median of 5×20 replays)\n\n")
-    md = head + "\n".join(lines) + "\n"
-    print(md)
-    write_results({"decode_attention": rows}, md, args.out_json, args.out_md)
+    report({"decode_attention": rows}, lines, f"one layer's decode attention, {args.length}-token cache; "
+           "CUDA-graph µs per call (4 calls per graph, median of 5×20 replays)", args.out_json, args.out_md)
 
 
 if __name__ == "__main__":

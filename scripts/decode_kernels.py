@@ -22,7 +22,7 @@ import argparse
 import torch
 
 from duquant.bench.kernels import _copies, _graph_bench, _orthogonal
-from duquant.bench.output import write_results
+from duquant.bench.output import report
 from duquant.kernels import ops
 from duquant.kernels import reference as ref
 from duquant.kernels.norm import InputNorm
@@ -163,20 +163,15 @@ def main() -> None:
     p.add_argument("--chains", action="store_true", help="only the transform → GEMV chains (part 3)")
     args = p.parse_args()
     torch.manual_seed(0)
-    import triton
-    head = (f"GPU {torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}; "
-            "CUDA-graph time per call (per group for the GEMVs), weights cycled past L2\n\n")
+    description = "CUDA-graph time per call (per group for the GEMVs), weights cycled past L2"
     if args.chains:
         chains, chain_lines = _chain_rows(args.ms)
-        md = head + "\n".join(chain_lines) + "\n"
-        print(md)
-        write_results({"chains": chains}, md, args.out_json, args.out_md)
+        report({"chains": chains}, chain_lines, description, args.out_json, args.out_md)
         return
     gemv, gemv_lines = _gemv_rows(args.ms)
     transform, transform_lines = _transform_rows(args.ms)
-    md = head + "\n".join(gemv_lines) + "\n\n" + "\n".join(transform_lines) + "\n"
-    print(md)
-    write_results({"gemv": gemv, "transform": transform}, md, args.out_json, args.out_md)
+    report({"gemv": gemv, "transform": transform}, gemv_lines + [""] + transform_lines, description,
+           args.out_json, args.out_md)
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ import argparse
 import torch
 
 from duquant.bench.kernels import _graph_bench, _orthogonal
-from duquant.bench.output import write_results
+from duquant.bench.output import report
 from duquant.kernels.norm import InputNorm
 from duquant.kernels.triton_row_transform import duquant_quantize_rows
 from duquant.kernels.triton_transform import duquant_quantize
@@ -49,7 +49,6 @@ def main() -> None:
     p.add_argument("--out-md", default=None)
     args = p.parse_args()
     torch.manual_seed(0)
-    import triton
 
     from duquant.kernels import triton_transform
     triton_transform._PREP.max_entries = 1 << 16  # every factor set prepared once, before the capture
@@ -89,11 +88,7 @@ def main() -> None:
             print(lines[-1], flush=True)
         del cold_sets, hot_sets
         torch.cuda.empty_cache()
-    head = (f"GPU {torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}; "
-            "CUDA-graph µs per call\n\n")
-    md = head + "\n".join(lines) + "\n"
-    print(md)
-    write_results({"transform_breakdown": rows}, md, args.out_json, args.out_md)
+    report({"transform_breakdown": rows}, lines, "CUDA-graph µs per call", args.out_json, args.out_md)
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ import argparse
 import torch
 
 from duquant.bench.kernels import _graph_bench, _orthogonal
-from duquant.bench.output import write_results
+from duquant.bench.output import report
 from duquant.kernels.norm import InputNorm
 from duquant.kernels.triton_row_transform import duquant_quantize_rows
 from duquant.kernels.triton_transform import duquant_quantize
@@ -62,7 +62,6 @@ def main() -> None:
         args.ms = [1, 2, 4, 8, 16, 64, 256]
     variants = _small_m_variants if args.small_m else _variants
     torch.manual_seed(0)
-    import triton
 
     rows, lines = [], ["| K, fused op | M | variant | µs | codes ≠ tiles | bytes floor µs (3 TB/s) |", "|---|---|---|---|---|---|"]
     best: dict[tuple[int, int], float] = {}
@@ -121,11 +120,8 @@ def main() -> None:
                 lin.append(f"| {n}×{kk} | {m} | {bf16:.1f} | {fp8:.1f} | {tr:.1f} | {total:.1f} | {bf16 / total:.2f}× "
                            f"| {bf16 / 1.5 - fp8:.1f} |")
                 print(lin[-1], flush=True)
-    head = (f"GPU {torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}; "
-            "CUDA-graph µs per call (4 calls per graph, median of 5×20 replays)\n\n")
-    md = head + "\n".join(lines + ([] if args.small_m else lin)) + "\n"
-    print(md)
-    write_results({"transform_prefill": rows}, md, args.out_json, args.out_md)
+    report({"transform_prefill": rows}, lines + ([] if args.small_m else lin),
+           "CUDA-graph µs per call (4 calls per graph, median of 5×20 replays)", args.out_json, args.out_md)
 
 
 if __name__ == "__main__":
