@@ -5,8 +5,9 @@ variant's error against SDPA over the dequantized cache (a wrong kernel must not
 
 Variants: session 10's kernel (every element dequantized and rounded to BF16, a plain loop), the
 folded form (scale and zero point applied per row, codes turned into floats by a mantissa trick),
-with the loop's loads pipelined (tl.range stages) and on 8 warps, and with the two products on the
-tensor cores (the query or the probabilities padded to 16 MMA rows).
+on 8 warps, with the two products on the tensor cores (the query or the probabilities padded to 16
+MMA rows, one program per query head; with pipelined loads), and the default since session 13: one
+program per KV head whose query heads are the MMA rows (GQA reads each K/V tile once per group).
 
     PYTHONPATH=src python scripts/decode_attention_speed.py --out-json a.json --out-md a.md
 """
@@ -23,11 +24,11 @@ from duquant.kernels.triton_decode_attention import decode_attention
 from duquant.quant.quantizer import QuantSpec
 from duquant.quant.row_codes import decode_rows, encode_rows
 
-VARIANTS = {"session 10 (dequantize, round)": dict(fold=False), "folded": dict(fold=True),
-            "folded, 2 stages": dict(fold=True, stages=2), "folded, 3 stages": dict(fold=True, stages=3),
-            "folded, 8 warps": dict(fold=True, warps=8),
-            "folded, MMA": dict(dot=True), "folded, MMA, 2 stages": dict(dot=True, stages=2),
-            "folded, MMA, 3 stages": dict(dot=True, stages=3), "folded, MMA, 8 warps": dict(dot=True, warps=8)}
+VARIANTS = {"session 10 (dequantize, round)": dict(fold=False),
+            "folded": dict(fold=True, dot=False), "folded, 8 warps": dict(fold=True, dot=False, warps=8),
+            "folded, MMA (session 12)": dict(dot=True, grouped=False),
+            "folded, MMA, 2 stages": dict(dot=True, stages=2, grouped=False),
+            "folded, MMA, per KV head (default)": dict(dot=True, grouped=True)}
 
 
 def main() -> None:
@@ -41,7 +42,7 @@ def main() -> None:
     spec = QuantSpec(bits=4, symmetric=False, clip=1.0)
     rows, lines = [], ["| heads (q/kv) × dim | batch | variant | µs | vs BF16 SDPA | bytes floor µs | rel. error |",
                        "|---|---|---|---|---|---|---|"]
-    for hq, hkv, d in ((32, 32, 128), (9, 3, 64)):  # LLaMA-2-7B, SmolLM2
+    for hq, hkv, d in ((32, 32, 128), (32, 8, 128), (9, 3, 64)):  # LLaMA-2-7B, LLaMA-3-8B, SmolLM2
         for b in args.batches:
             n = args.length
             k16, v16 = (torch.randn(b, hkv, n, d, device="cuda", dtype=torch.bfloat16) for _ in range(2))

@@ -11,7 +11,10 @@ weights cycled through more copies than L2 holds):
    (`ops.transform_quantize`, `w4a8_gemv_joined`), with the GEMV launched plainly and with
    programmatic dependent launch (`kernels/dependent_launch.py`), and with one weight that
    stays in L2 (the bound a perfect prefetch could reach), against the group's BF16 GEMMs
-   alone (the W4A4 chain also does the RMSNorm or SwiGLU it absorbs; BF16 gets those free).
+   alone (the W4A4 chain also does the RMSNorm or SwiGLU it absorbs; BF16 gets those free);
+   and the same group as one launch, the transform inside the GEMV (`triton_fused_decode`), with
+   its default warps, the other choice (4 or 8), and with half the GEMV's default programs
+   (`gemv_config` waves = 2: a program holds more registers than the GEMV alone).
 
     PYTHONPATH=src python scripts/decode_kernels.py --out-json decode_kernels.json --out-md decode_kernels.md
 """
@@ -27,7 +30,8 @@ from duquant.kernels import ops
 from duquant.kernels import reference as ref
 from duquant.kernels.norm import InputNorm
 from duquant.kernels.triton_decode import w4a8_gemv, w4a8_gemv_joined
-from duquant.kernels.triton_row_transform import duquant_quantize_rows
+from duquant.kernels.triton_fused_decode import transform_gemv
+from duquant.kernels.triton_row_transform import duquant_quantize_rows, row_tile
 from duquant.kernels.triton_transform import duquant_quantize
 from duquant.kernels.weight import quantize_weight
 
@@ -124,8 +128,9 @@ CHAINS = [("q/k/v", [4096, 4096, 4096], 4096, "RMSNorm"), ("o", [4096], 4096, No
 
 
 def _chain_rows(ms: list[int]) -> tuple[list[dict], list[str]]:
-    rows, lines = [], ["| group | M | BF16 GEMMs µs | transform + GEMV µs | + PDL µs | weight in L2 µs | PDL gain | "
-                       "W4A4 (PDL) vs BF16 |", "|---|---|---|---|---|---|---|---|"]
+    rows, lines = [], ["| group | M | BF16 GEMMs µs | transform + GEMV µs | + PDL µs | weight in L2 µs | "
+                       "one launch µs | one launch, other warps µs | one launch, GEMV waves = 2 µs | "
+                       "two launches vs BF16 | **one launch vs BF16** |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, ns, k, op in CHAINS:
         bf16, weights, scale, zero = _weights(ns, k)
         base = weights[0]
@@ -139,17 +144,30 @@ def _chain_rows(ms: list[int]) -> tuple[list[dict], list[str]]:
                 y = w4a8_gemv_joined(a, s, packed, scale, zero, pdl=pdl)
                 return (a, s, y) if codes else y
 
+            def one_launch(packed, **tune):
+                return transform_gemv(x, r1, perm, r2, None, packed, scale, zero, norm=norm, up=up, **tune)
+
             a, s, y = chain(w4[0], True, codes=True)  # a wrong chain must not look fast
             y_ref = torch.cat([ref.w4a4_linear_ref(a, s, p) for p in base], dim=1).float()
             err = float((y.float() - y_ref).norm() / y_ref.norm())
+            err_one = float((one_launch(w4[0]).float() - y_ref).norm() / y_ref.norm())
+            default_warps = max(row_tile(k, 128, m)[2], 4 if m <= 4 else 8)
+            other = 8 if default_warps == 4 else 4
             t_bf16 = _graph_bench([lambda ws=ws, w=w: x @ w.T for ws in bf16 for w in ws]) * len(ns)
             t_plain = _graph_bench([lambda p=p: chain(p, False) for p in w4])
             t_pdl = _graph_bench([lambda p=p: chain(p, True) for p in w4])
             t_hot = _graph_bench([lambda w=w4[0]: chain(w, False)] * 8)  # one weight: L2-resident after the first call
+            t_one = _graph_bench([lambda p=p: one_launch(p) for p in w4])
+            t_other = _graph_bench([lambda p=p: one_launch(p, warps=other) for p in w4])
+            t_waves = _graph_bench([lambda p=p: one_launch(p, waves=2) for p in w4])
             _emit(rows, lines, {"group": name, "M": m, "K": k, "fused_op": op, "bf16_us": t_bf16, "chain_us": t_plain,
-                                "chain_pdl_us": t_pdl, "chain_hot_l2_us": t_hot, "pdl_rel_err_vs_reference": err},
-                  f"| {name} | {m} | {t_bf16:.1f} | {t_plain:.1f} | {t_pdl:.1f} | {t_hot:.1f} | "
-                  f"{t_plain / t_pdl:.2f}× | **{t_bf16 / t_pdl:.2f}×** |", f"(PDL chain vs reference: rel. err {err:.1e})")
+                                "chain_pdl_us": t_pdl, "chain_hot_l2_us": t_hot, "one_launch_us": t_one,
+                                "one_launch_warps": default_warps, "one_launch_other_warps_us": t_other,
+                                "other_warps": other, "one_launch_waves2_us": t_waves,
+                                "pdl_rel_err_vs_reference": err, "one_launch_rel_err_vs_reference": err_one},
+                  f"| {name} | {m} | {t_bf16:.1f} | {t_plain:.1f} | {t_pdl:.1f} | {t_hot:.1f} | {t_one:.1f} | "
+                  f"{t_other:.1f} ({other} warps) | {t_waves:.1f} | {t_bf16 / t_plain:.2f}× | **{t_bf16 / t_one:.2f}×** |",
+                  f"(rel. err vs reference: PDL chain {err:.1e}, one launch {err_one:.1e})")
         del bf16, w4
         torch.cuda.empty_cache()
     return rows, lines

@@ -1,6 +1,7 @@
-"""Compile the transform kernels for sm_90 without a GPU (Triton's bundled ptxas) and print
-registers, spill stack and shared memory per variant: a variant that needs more than the
-H100's 227 KB of shared memory, or spills, shows here before any GPU time is spent.
+"""Compile the transform kernels (and the decode GEMV with the transform inside it) for sm_90
+without a GPU (Triton's bundled ptxas) and print registers, spill stack and shared memory per
+variant: a variant that needs more than the H100's 227 KB of shared memory, or spills, shows
+here before any GPU time is spent.
 
     PYTHONPATH=src python scripts/kernel_resources.py
 """
@@ -15,6 +16,8 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
+from duquant.kernels.triton_decode import gemv_config
+from duquant.kernels.triton_fused_decode import transform_gemv_kernel
 from duquant.kernels.triton_row_transform import row_tile, row_transform_quant_kernel
 from duquant.kernels.triton_transform import transform_quant_kernel
 
@@ -74,7 +77,36 @@ def rows(k: int, n: int, precise: bool, norm: bool = False, gated: bool = False)
                                                                    ("clip", "qmax", "eps"))
 
 
+def fused_decode(m: int, k: int, n: int, rows_n: int, norm: bool = False, gated: bool = False,
+                 warps: int | None = None) -> str:
+    """triton_fused_decode.transform_gemv_kernel for m tokens, K = k, rotation block n, one weight of rows_n rows."""
+    nb_pad, t, rows_warps = row_tile(k, n, m)
+    cfg = gemv_config(m, rows_n, k, 132)
+    gemv_warps = cfg.pop("num_warps")
+    for name in ("split_k", "tiles_per_split"):
+        cfg.pop(name)
+    warps = warps or max(rows_warps, gemv_warps)
+    ptr = {"x_ptr": "*bf16", "smooth_ptr": "*fp32", "rot1_ptr": "*bf16", "perm_ptr": "*i32", "rot2_ptr": "*bf16",
+           "scratch_ptr": "*fp32", "codes_ptr": "*i8", "scale_ptr": "*fp32", "norm_w_ptr": "*bf16", "up_ptr": "*bf16",
+           "a_ptr": "*i32", "w_ptr": "*i32", "w2_ptr": "*i32", "w3_ptr": "*i32", "sx_ptr": "*fp32", "sw_ptr": "*fp32",
+           "zw_ptr": "*fp32", "bias_ptr": "*bf16", "out_ptr": "*bf16", "ws_ptr": "*fp32", "cnt_ptr": "*i32",
+           "sync_ptr": "*i32"}
+    const = dict(RB=n, NB_PAD=nb_pad, T=t, HAS_SMOOTH=False, HAS_R1=True, HAS_PERM=True, HAS_R2=True, PRECISE=False,
+                 SYMMETRIC=False, HAS_NORM=norm, NORM_W=norm, GATED=gated, RECIP=True, EVEN=nb_pad == k // n,
+                 HAS_BIAS=False, EVEN_K=True, ALIGNED=True, SEGMENTS=1, **cfg)
+    return f"warps={warps}: " + compile_sm90(transform_gemv_kernel, ptr, const, warps, ("clip", "qmax", "eps"))
+
+
 def main() -> None:
+    for m in (1, 4, 8):
+        for k, n, rows_n, norm, gated in ((4096, 128, 4096, True, False), (4096, 128, 4096, False, False),
+                                          (11008, 128, 4096, False, True)):
+            print(f"fused decode M={m} K={k} N={rows_n} norm={norm} swiglu={gated}: "
+                  f"{fused_decode(m, k, n, rows_n, norm, gated)}", flush=True)
+    for m, k, gated in ((1, 4096, False), (1, 11008, True)):
+        for warps in (4, 8):
+            print(f"fused decode M={m} K={k} swiglu={gated}: {fused_decode(m, k, 128, 4096, gated=gated, warps=warps)}",
+                  flush=True)
     for precise in (False, True):
         for stage in (0, 1, 2, 3):
             print(f"tiles n=128 BLOCK_M=64 stage={stage} precise={precise}: {tiles(128, 64, stage, precise)}", flush=True)

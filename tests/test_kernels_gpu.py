@@ -230,6 +230,18 @@ def _weight_and_acts(m: int, n: int, k: int, prefill: str | None):
     return pw, a, s_x, bias
 
 
+def _replayable(fn, graph: bool):
+    """fn, or (graph) a replay of a CUDA graph of one call of fn that returns that call's outputs;
+    fn runs once eagerly first (compiles, allocates workspaces and flags before the capture)."""
+    if not graph:
+        return fn
+    fn()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        out = fn()
+    return lambda: (g.replay(), out)[1]
+
+
 def _close(y: torch.Tensor, yr: torch.Tensor, tol: float = 4e-3) -> None:
     assert torch.isfinite(y.float()).all()
     rel = float((y.float() - yr.float()).norm() / yr.float().norm())
@@ -392,13 +404,7 @@ def test_decode_transform_then_gemv_with_pdl(m: int, k: int, fused_op: str, rows
         a, s = ops.transform_quantize(x, r1, perm, r2, None, out_dtype=torch.int8, norm=norm, up=up)
         return a, s, w4a8_gemv_joined(a, s, [w.packed for w in weights], scale, zero, None, pdl=True)
 
-    run = chain
-    if graph:
-        chain()  # compiles what the capture needs (the first eager call takes the three-launch transform)
-        g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g):
-            out = chain()
-        run = lambda: (g.replay(), out)[1]  # noqa: E731
+    run = _replayable(chain, graph)
     for i in range(6):
         x.copy_(torch.randn(m, k, device="cuda").to(torch.bfloat16) * (1 + 3 * i))
         if up is not None:
@@ -409,6 +415,55 @@ def test_decode_transform_then_gemv_with_pdl(m: int, k: int, fused_op: str, rows
         for w, n in zip(weights, rows):
             _close(y[:, start:start + n], ref.w4a4_linear_ref(a, s, w))
             start += n
+    assert _gemv_workspace_is_clean(x.device)
+
+
+@pytest.mark.parametrize("k,fused_op,rows", [(4096, "norm", (4096, 4096, 4096)), (4096, None, (4096,)),
+                                              (4096, "norm", (11008, 11008)), (11008, "swiglu", (4096,)),
+                                              (576, "norm", (576, 192, 192)), (1536, "swiglu", (576,))])
+@pytest.mark.parametrize("m", [1, 4, 7])
+@pytest.mark.parametrize("graph", [False, True])
+def test_transform_inside_the_decode_gemv(m: int, k: int, fused_op: str | None, rows: tuple[int, ...],
+                                          graph: bool) -> None:
+    """triton_fused_decode (the GEMV programs wait on a flag the transform programs of the same
+    launch count up) computes from the codes of this very input: against the rows transform's
+    codes and the reference GEMM, for several new inputs of growing scale (a program that read
+    codes or scales before they were written would match an earlier input), eager and replayed
+    as a CUDA graph; the flag, exit counter and split-K workspace are zero afterwards. LLaMA-2-7B's
+    four decode groups and SmolLM2's q/k/v and down_proj (padded blocks)."""
+    from duquant.kernels import reference as ref
+    from duquant.kernels import triton_fused_decode as fd
+    from duquant.kernels.norm import InputNorm
+    from duquant.kernels.triton_row_transform import duquant_quantize_rows
+    weights = [_weight_and_acts(m, n, k, None)[0] for n in rows]
+    scale, zero = torch.cat([w.scale for w in weights]), torch.cat([w.zero for w in weights])
+    bias = torch.randn(sum(rows), device="cuda")
+    r1, r2 = _orthogonal(_block(k)), _orthogonal(_block(k))
+    perm = torch.randperm(k, device="cuda")
+    norm = InputNorm(torch.rand(k, device="cuda").to(torch.bfloat16) + 0.5, 1e-5) if fused_op == "norm" else None
+    x = torch.randn(m, k, device="cuda").to(torch.bfloat16)
+    up = torch.randn(m, k, device="cuda").to(torch.bfloat16) if fused_op == "swiglu" else None
+
+    def fused():
+        return fd.transform_gemv(x, r1, perm, r2, None, [w.packed for w in weights], scale, zero, bias, norm=norm,
+                                 up=up)
+
+    run = _replayable(fused, graph)
+    for i in range(6):
+        x.copy_(torch.randn(m, k, device="cuda").to(torch.bfloat16) * (1 + 3 * i))
+        if up is not None:
+            up.copy_(torch.randn(m, k, device="cuda").to(torch.bfloat16))
+        y = run().clone()
+        torch.cuda.synchronize()
+        a, s = duquant_quantize_rows(x, r1, perm, r2, None, norm=norm, up=up)
+        start = 0
+        for w, n in zip(weights, rows):
+            _close(y[:, start:start + n], ref.w4a4_linear_ref(a, s, w, bias[start:start + n]))
+            start += n
+    for _ in range(50):  # many replays back to back: the flag must be back at zero after each
+        run()
+    torch.cuda.synchronize()
+    assert all(not bool(buf.any()) for buf in fd._SYNC.values())
     assert _gemv_workspace_is_clean(x.device)
 
 
@@ -612,16 +667,19 @@ def test_kv_quant_kernels_on_gpu(b: int, h: int, t: int, d: int, hadamard: bool)
 
 
 @pytest.mark.parametrize("variant, dtype", [({}, torch.bfloat16), ({}, torch.float16), ({}, torch.float32),
+                                            ({"grouped": False}, torch.bfloat16), ({"grouped": False}, torch.float16),
                                             ({"fold": False}, torch.bfloat16), ({"dot": False}, torch.bfloat16),
-                                            ({"stages": 2, "warps": 8}, torch.bfloat16)])
-@pytest.mark.parametrize("b, hq, hkv, length, d", [(1, 32, 32, 2056, 128), (16, 32, 32, 2056, 128), (2, 9, 3, 77, 64)])
+                                            ({"stages": 2, "warps": 8, "grouped": False}, torch.bfloat16)])
+@pytest.mark.parametrize("b, hq, hkv, length, d", [(1, 32, 32, 2056, 128), (16, 32, 32, 2056, 128), (2, 9, 3, 77, 64),
+                                                   (4, 32, 8, 300, 128)])
 def test_decode_attention_from_codes_on_gpu(b: int, hq: int, hkv: int, length: int, d: int, variant: dict,
                                             dtype: torch.dtype) -> None:
     """triton_decode_attention (4-bit K/V codes; query and cache dtype bf16, fp16 or fp32) against SDPA
     over the dequantized cache with a causal + padding mask: the kernels' roundings differ (SDPA
     rounds its probabilities to BF16, the default kernel p·s to fp16, session 10's form rounds K and
-    V to the model dtype), so agreement is to that precision. The default, then session 10's
-    unfolded form, the folded form on the CUDA cores, pipelined loads."""
+    V to the model dtype), so agreement is to that precision. The default (a KV head's query heads
+    as the rows of the tensor-core products), one program per query head, session 10's unfolded
+    form, the folded form on the CUDA cores, pipelined loads; MHA, GQA 3:1 (SmolLM2) and 4:1."""
     import torch.nn.functional as F
 
     from duquant.kernels.triton_decode_attention import decode_attention

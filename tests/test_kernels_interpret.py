@@ -185,6 +185,76 @@ def _orthogonal(n: int, gen: torch.Generator) -> torch.Tensor:
     return q.float()
 
 
+# (M, K, n, rows of the stacked weights, fused op, dtype, precise, GEMV tiles): one and three
+# weights, padded blocks (192/64, 384/128), split-K and one split, RMSNorm and SwiGLU fused,
+# fp16, the precise mode's scratch-row gather, 8 tokens on 8 warps.
+FUSED_DECODE = [
+    (1, 256, 64, [40], None, torch.bfloat16, False, dict(block_n=16, block_k=64)),
+    (3, 192, 64, [24, 16, 8], "RMSNorm", torch.bfloat16, False, dict(block_n=8, block_k=64, waves=8)),
+    (2, 384, 128, [48], "SwiGLU", torch.float16, False, dict(block_n=16, block_k=128, waves=0)),
+    (8, 256, 64, [32, 32], "RMSNorm", torch.float32, True, dict(block_n=16, block_k=64, num_warps=8)),
+]
+
+
+@pytest.mark.parametrize("m, k, n, rows, op, dtype, precise, tune", FUSED_DECODE)
+def test_transform_inside_the_gemv_is_the_two_launches(m: int, k: int, n: int, rows: list[int], op: str | None,
+                                                      dtype: torch.dtype, precise: bool, tune: dict) -> None:
+    """triton_fused_decode.transform_gemv (producers transform, GEMV programs wait on their flag)
+    gives what the rows transform followed by the joined GEMV gives, bit for bit, and leaves its
+    flag, exit counter and the GEMV's split-K workspace at zero."""
+    from duquant.kernels import triton_fused_decode as fd
+    from duquant.kernels.norm import InputNorm
+    from duquant.kernels.triton_decode import w4a8_gemv_joined
+    from duquant.kernels.triton_row_transform import duquant_quantize_rows
+    gen = torch.Generator().manual_seed(m * k)
+    x = torch.randn(m, k, generator=gen)
+    x[:, 5] *= 20
+    x = x.to(dtype)
+    norm = InputNorm(torch.rand(k, generator=gen) + 0.5, 1e-5) if op == "RMSNorm" else None
+    up = torch.randn(m, k, generator=gen).to(dtype) if op == "SwiGLU" else None
+    r1, r2, perm = _orthogonal(n, gen), _orthogonal(n, gen), torch.randperm(k, generator=gen)
+    weights = [quantize_weight(torch.randn(r, k, generator=gen)) for r in rows]
+    scale, zero = torch.cat([w.scale for w in weights]), torch.cat([w.zero for w in weights])
+    bias = torch.randn(sum(rows), generator=gen)
+    packed = [w.packed for w in weights]
+    y = fd.transform_gemv(x, r1, perm, r2, None, packed, scale, zero, bias, out_dtype=torch.float32, precise=precise,
+                          norm=norm, up=up, **tune)
+    a, s = duquant_quantize_rows(x, r1, perm, r2, None, precise=precise, norm=norm, up=up)
+    want = w4a8_gemv_joined(a, s, packed, scale, zero, bias, torch.float32, **tune)
+    assert y.shape == (m, sum(rows)) and torch.equal(y, want)
+    assert all(not bool(buf.any()) for buf in fd._SYNC.values()) and _workspace_clean()
+
+
+def test_decode_step_runs_the_transform_inside_the_gemv(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A decode-sized forward (2 sequences × 1 token) of a tiny W4A4 DuQuant model on the kernels
+    with DUQUANT_FUSED_DECODE on: each layer's four linear groups (q/k/v, o, gate/up, down) are
+    one fused launch each, and the logits are those of the two-launch path (the default)."""
+    from conftest import tiny_model
+
+    from duquant import QuantConfig, quantize
+    from duquant.kernels import ops
+    from duquant.kernels import triton_fused_decode as fd
+    from duquant.modeling.real_linear import to_real_backend
+    model = tiny_model("llama")
+    tokens = torch.randint(3, 96, (2, 12), generator=torch.Generator().manual_seed(0))
+    quantize(model, QuantConfig(method="duquant", rotation_steps=8), tokens, device="cpu", batch_size=2,
+             progress=False)
+    to_real_backend(model)
+    monkeypatch.setenv("DUQUANT_TRITON_INTERPRET", "1")
+    calls = []
+    real = fd.transform_gemv
+    monkeypatch.setattr(fd, "transform_gemv", lambda *a, **kw: calls.append(len(a[5])) or real(*a, **kw))
+    step = tokens[:, :1]
+    monkeypatch.setattr(ops, "FUSED_DECODE", True)
+    with torch.no_grad():
+        got = model(input_ids=step).logits
+        assert calls == [3, 1, 2, 1] * model.config.num_hidden_layers
+        monkeypatch.setattr(ops, "FUSED_DECODE", False)
+        want = model(input_ids=step).logits
+    assert len(calls) == 4 * model.config.num_hidden_layers
+    assert torch.allclose(got, want, rtol=1e-5, atol=1e-5), float((got - want).abs().max())
+
+
 @pytest.mark.parametrize("m, k, n, sub", [(1, 256, 64, 1), (7, 192, 64, 1), (33, 256, 128, 1), (70, 256, 64, 2)])
 def test_transform_three_launch_matches_reference(m: int, k: int, n: int, sub: int) -> None:
     """Precise mode (float32 scratch, 3×TF32 products; exact float32 in the interpreter) gives
@@ -541,15 +611,16 @@ def test_static_kv_cache_on_kernels_decodes_like_the_growing_cache(monkeypatch: 
     assert torch.allclose(got, want, atol=1e-4, rtol=1e-4), float((got - want).abs().max())
 
 
-@pytest.mark.parametrize("variant", ["fold", "unfolded", "dot"])
+@pytest.mark.parametrize("variant", ["fold", "unfolded", "dot", "grouped"])
 @pytest.mark.parametrize("b, hq, hkv, length, d, masked", [(2, 6, 2, 150, 64, True), (1, 2, 2, 70, 128, False),
                                                            (3, 4, 1, 33, 16, True)])
 def test_decode_attention_from_codes_matches_sdpa(b: int, hq: int, hkv: int, length: int, d: int, masked: bool,
                                                   variant: str) -> None:
     """triton_decode_attention over 4-bit codes = SDPA over the dequantized cache (GQA, splits of the
     positions, a padding + causal mask shared by the batch or per sequence, or no mask), with the
-    row scale and zero folded out of the per-element work (the default), without, and with the
-    products on the tensor cores (probabilities rounded to fp16: a looser tolerance)."""
+    row scale and zero folded out of the per-element work, without, with the products on the
+    tensor cores (probabilities rounded to fp16: a looser tolerance), and the default: those
+    products with a KV head's query heads as their rows."""
     import torch.nn.functional as F
 
     from duquant.kernels.triton_decode_attention import decode_attention
@@ -564,10 +635,11 @@ def test_decode_attention_from_codes_matches_sdpa(b: int, hq: int, hkv: int, len
         mask = torch.ones(b, 1, 1, length, dtype=torch.bool)
         mask[..., length - 5:] = False  # positions not written yet
         mask[0, ..., :7] = False  # left padding of the first sequence
-    out = decode_attention(query, keys, values, mask, 0.3, fold=variant != "unfolded", dot=variant == "dot")
+    out = decode_attention(query, keys, values, mask, 0.3, fold=variant != "unfolded", dot=variant in ("dot", "grouped"),
+                           grouped=variant == "grouped")
     k = decode_rows(keys, spec, torch.float32).repeat_interleave(hq // hkv, dim=1)
     v = decode_rows(values, spec, torch.float32).repeat_interleave(hq // hkv, dim=1)
     want = F.scaled_dot_product_attention(query, k, v, attn_mask=mask, scale=0.3).transpose(1, 2)
     assert out.shape == (b, 1, hq, d)
-    tol = 2e-3 if variant == "dot" else 2e-5  # the dot rounds p·s to fp16
+    tol = 2e-3 if variant in ("dot", "grouped") else 2e-5  # the dot rounds p·s to fp16
     assert torch.allclose(out, want, atol=tol, rtol=tol / 2), float((out - want).abs().max())

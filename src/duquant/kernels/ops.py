@@ -241,6 +241,50 @@ def w4a4_linear_joined(a: torch.Tensor, s_x: torch.Tensor, weights: list[PackedW
     return y.reshape(*a.shape[:-1], y.shape[-1])
 
 
+# DUQUANT_FUSED_DECODE=1: a decode linear with the DuQuant transform runs as one launch, the
+# transform inside the GEMV (`triton_fused_decode`), up to DECODE_GEMV_MAX_M tokens where the
+# rows kernel takes the row whole: K ≤ ROWS_MAX_K with power-of-two blocks, or wider rows whose
+# padded tile holds at most FUSED_DECODE_MAX_TILE elements. Off by default: on the H100 it was
+# slower than the two launches (transform, then GEMV) for every decode group and setting tried
+# (results/kernels/session13/: 0.67–0.85× their speed at the best setting found, M = 1; the
+# transform half's registers halve the GEMV's programs per SM).
+FUSED_DECODE = os.environ.get("DUQUANT_FUSED_DECODE", "0") == "1"
+FUSED_DECODE_MAX_TILE = int(os.environ.get("DUQUANT_FUSED_DECODE_MAX_TILE", "16384"))
+
+
+def fused_decode_supported(x: torch.Tensor, weights: list[PackedWeight], n: int) -> bool:
+    """Whether `fused_decode_linear` serves x [..., K] with these weights and n-wide rotation blocks."""
+    k = x.shape[-1]
+    m = x.numel() // k
+    if not (FUSED_DECODE and use_triton(x) and 1 <= m <= DECODE_GEMV_MAX_M and n >= 16 and k % n == 0
+            and not any(w.group_size for w in weights)):
+        return False
+    blocks = k // n
+    padded = (1 << (blocks - 1).bit_length()) * n
+    if not ((k <= ROWS_MAX_K and padded == k) or padded <= FUSED_DECODE_MAX_TILE):
+        return False
+    from duquant.kernels import triton_decode as dec
+    return dec.joined_gemv_supported(m, k, [w.packed for w in weights])
+
+
+def fused_decode_linear(x: torch.Tensor, weights: list[PackedWeight], scale: torch.Tensor, zero: torch.Tensor,
+                        bias: torch.Tensor | None, rot1: torch.Tensor | None, perm: torch.Tensor | None,
+                        rot2: torch.Tensor | None, bits: int = 4, clip: float = 0.9, symmetric: bool = False,
+                        norm: InputNorm | None = None, up: torch.Tensor | None = None,
+                        out_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor | None:
+    """`w4a4_linear_joined(*transform_quantize(x, …), weights, …)` as one launch: y [..., ΣN_i]
+    (scale, zero and bias over the stacked rows, as there). None where the fused kernel does
+    not serve the call (`fused_decode_supported`): the caller runs the two steps."""
+    rots = [r for r in (rot1, rot2) if r is not None]
+    n = rots[0].shape[0] if rots else min(128, x.shape[-1] & -x.shape[-1])
+    if not fused_decode_supported(x, weights, n):
+        return None
+    from duquant.kernels.triton_fused_decode import transform_gemv
+    y = transform_gemv(x, rot1, perm, rot2, None, [w.packed for w in weights], scale, zero, bias, bits, clip,
+                       out_dtype, symmetric=symmetric, norm=norm, up=up)
+    return y.reshape(*x.shape[:-1], y.shape[-1])
+
+
 def duquant_linear(x: torch.Tensor, weight: PackedWeight, rot1: torch.Tensor | None = None,
                    perm: torch.Tensor | None = None, rot2: torch.Tensor | None = None,
                    smooth: torch.Tensor | None = None, bias: torch.Tensor | None = None, bits: int = 4,

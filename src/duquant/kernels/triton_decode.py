@@ -19,6 +19,7 @@ Zero point (both): Σ_k a·(q − z) = Σ_k a·q − z·Σ_k a, exact in int32.
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -234,15 +235,25 @@ def _split4(x):
 
 
 @triton.jit
-def _gemv_tile(w_ptrs, a_ptrs, kw, kw_total, rw, ra, acc, asum, ones,
-               BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, G: tl.constexpr, EVEN_K: tl.constexpr):
-    """One K tile: acc[t, n, g] += Σ over the 4 words of group g of dp4a(codes, activations)."""
+def _weight_words(w_ptrs, kw, kw_total, rw, EVEN_K: tl.constexpr):
+    """The packed weight words of one K tile ([BLOCK_N, WT] int32)."""
     if EVEN_K:
-        w = tl.load(w_ptrs + kw)
-        av = tl.load(a_ptrs + 2 * kw)
-    else:
-        w = tl.load(w_ptrs + kw, mask=((kw + rw) < kw_total)[None, :], other=0)
-        av = tl.load(a_ptrs + 2 * kw, mask=((2 * kw + ra) < 2 * kw_total)[None, :], other=0)
+        return tl.load(w_ptrs + kw)
+    return tl.load(w_ptrs + kw, mask=((kw + rw) < kw_total)[None, :], other=0)
+
+
+@triton.jit
+def _activation_words(a_ptrs, kw, kw_total, ra, EVEN_K: tl.constexpr, CACHE: tl.constexpr = ""):
+    """The activation words of one K tile ([BLOCK_M, 2·WT] int32). CACHE ".cg": from L2, past
+    this SM's L1 (codes another program of the same launch wrote)."""
+    if EVEN_K:
+        return tl.load(a_ptrs + 2 * kw, cache_modifier=CACHE)
+    return tl.load(a_ptrs + 2 * kw, mask=((2 * kw + ra) < 2 * kw_total)[None, :], other=0, cache_modifier=CACHE)
+
+
+@triton.jit
+def _gemv_words(w, av, acc, asum, ones, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, G: tl.constexpr):
+    """One K tile's words: acc[t, n, g] += Σ over the 4 words of group g of dp4a(codes, activations)."""
     # activation words 2j, 2j+1 belong to weight word j (k = 8j .. 8j+7)
     x0, x1 = tl.split(tl.reshape(av, [BLOCK_M, G, 4, 2]))
     asum = _dp4a(x0, ones, _dp4a(x1, ones, asum))  # Σ a, for the zero point
@@ -264,6 +275,53 @@ def _gemv_tile(w_ptrs, a_ptrs, kw, kw_total, rw, ra, acc, asum, ones,
     acc = _dp4a(l3[None, :, :], e3[:, None, :], acc)
     acc = _dp4a(h3[None, :, :], o3[:, None, :], acc)
     return acc, asum
+
+
+@triton.jit
+def _gemv_tile(w_ptrs, a_ptrs, kw, kw_total, rw, ra, acc, asum, ones,
+               BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, G: tl.constexpr, EVEN_K: tl.constexpr,
+               CACHE: tl.constexpr = ""):
+    """One K tile, loads and products."""
+    w = _weight_words(w_ptrs, kw, kw_total, rw, EVEN_K)
+    av = _activation_words(a_ptrs, kw, kw_total, ra, EVEN_K, CACHE)
+    return _gemv_words(w, av, acc, asum, ones, BLOCK_N, BLOCK_M, G)
+
+
+@triton.jit
+def _load_acquire(ptr):
+    """The int32 at ptr, read with acquire semantics at GPU scope (every later load of this
+    thread sees what the writer released before it)."""
+    if _INTERPRET:
+        v = tl.atomic_add(ptr, 0, sem="acquire")
+    else:
+        v = tl.inline_asm_elementwise("ld.acquire.gpu.global.b32 $0, [$1];", "=r,l", [ptr], dtype=tl.int32,
+                                      is_pure=False, pack=1)
+    return v
+
+
+@triton.jit
+def _nanosleep(ns):
+    """Suspend the thread for about ns nanoseconds (an int32 value)."""
+    if not _INTERPRET:
+        tl.inline_asm_elementwise("nanosleep.u32 $1; // dummy $0", "=r,r", [ns], dtype=tl.int32, is_pure=False, pack=1)
+
+
+@triton.jit
+def wait_for_count(ptr, target, BACKOFF_NS: tl.constexpr = 0):
+    """Spin until the counter at ptr reaches target (every thread polls: each one then holds
+    its own acquire). BACKOFF_NS > 0: sleep that long between polls (fewer requests to the
+    flag's L2 line while the programs that will set it still work)."""
+    v = _load_acquire(ptr)
+    while v < target:
+        if BACKOFF_NS > 0:
+            _nanosleep(v * 0 + BACKOFF_NS)
+        v = _load_acquire(ptr)
+
+
+# How a GEMV program learns that its activations are ready.
+READY_AT_LAUNCH = tl.constexpr(0)  # written by an earlier kernel (stream order)
+READY_AFTER_PDL_WAIT = tl.constexpr(1)  # an earlier kernel, launched with PDL (`griddepcontrol.wait`)
+READY_AT_COUNT = tl.constexpr(2)  # written by programs of this launch, which count up a flag
 
 
 # split_k / tiles_per_split stay runtime values (no "== 1" specialization): a one-split call
@@ -323,8 +381,25 @@ def w4a8_gemv_kernel(
     and lost up to 1.3 µs at M = 4; prefetching each row's whole slice in one bulk request
     was slower still (the flood of prefetches delays the latency-bound transform's own loads).
     """
-    pid_n = tl.program_id(0)
-    pid_k = tl.program_id(1)
+    gemv_program(tl.program_id(0), tl.program_id(1), a_ptr, w_ptr, w2_ptr, w3_ptr, sx_ptr, sw_ptr, zw_ptr, bias_ptr,
+                 out_ptr, ws_ptr, cnt_ptr, M, N, N1, N2, T1, T2, KW, stride_a, stride_w, stride_om, split_k,
+                 tiles_per_split, BLOCK_M, BLOCK_N, BLOCK_K, NUM_STAGES, HAS_BIAS, EVEN_K, ALIGNED, SEGMENTS,
+                 READY_AFTER_PDL_WAIT if PDL else READY_AT_LAUNCH, cnt_ptr, 0)
+
+
+@triton.jit
+def gemv_program(
+    pid_n, pid_k, a_ptr, w_ptr, w2_ptr, w3_ptr, sx_ptr, sw_ptr, zw_ptr, bias_ptr, out_ptr, ws_ptr, cnt_ptr,
+    M, N, N1, N2, T1, T2, KW, stride_a, stride_w, stride_om, split_k, tiles_per_split,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, NUM_STAGES: tl.constexpr,
+    HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr, ALIGNED: tl.constexpr, SEGMENTS: tl.constexpr,
+    READY: tl.constexpr, ready_ptr, ready_count, PRELOAD: tl.constexpr = True, BACKOFF_NS: tl.constexpr = 0,
+):
+    """Program (pid_n, pid_k) of `w4a8_gemv_kernel` (see there). READY: when the activations
+    and their scales may be read (READY_AT_LAUNCH, READY_AFTER_PDL_WAIT, or READY_AT_COUNT:
+    once the int32 at ready_ptr reaches ready_count, polled every BACKOFF_NS nanoseconds (0:
+    back to back); with PRELOAD the program loads its first weight tile before it waits. The
+    codes and scales other programs wrote are read through L2 (.cg), past this SM's L1)."""
     G: tl.constexpr = BLOCK_K // 32  # 16-byte groups per row in a tile
     WT: tl.constexpr = BLOCK_K // 8  # int32 words per row in a tile
     rm = tl.arange(0, BLOCK_M)
@@ -370,28 +445,38 @@ def w4a8_gemv_kernel(
     ones = tl.full([BLOCK_M, G, 4], 0x01010101, tl.int32)
     t_lo = pid_k * tiles_per_split
     t_hi = tl.minimum(t_lo + tiles_per_split, tl.cdiv(KW, WT))
-    if PDL:
+    CACHE: tl.constexpr = ".cg" if READY == READY_AT_COUNT else ""
+    if READY == READY_AFTER_PDL_WAIT:
         LINE: tl.constexpr = 32 if WT >= 32 else WT  # int32 words per 128-byte line (or per tile row)
         lines = tl.arange(0, WT // LINE) * LINE
         for t in range(t_lo, t_hi):
             off = tl.minimum(t * WT + lines, KW - 1)  # the last row's tail must not run past the tensor
             _prefetch_l2(w_base + w_row[:, None] + off[None, :])
         gdc_wait()  # the transform (the kernel before) has finished: its codes and scales are visible
+    if READY == READY_AT_COUNT:
+        if PRELOAD:  # the first tile's weight is on its way while the codes are made
+            w_first = _weight_words(w_ptrs, t_lo * WT, kw_total, rw, EVEN_K)
+            wait_for_count(ready_ptr, ready_count, BACKOFF_NS)
+            av_first = _activation_words(a_ptrs, t_lo * WT, kw_total, ra, EVEN_K, CACHE)
+            acc, asum = _gemv_words(w_first, av_first, acc, asum, ones, BLOCK_N, BLOCK_M, G)
+            t_lo += 1
+        else:
+            wait_for_count(ready_ptr, ready_count, BACKOFF_NS)
     if _INTERPRET:  # Triton 3.6's interpreter cannot run `range` over a runtime bound
         t = t_lo
         while t < t_hi:
             acc, asum = _gemv_tile(w_ptrs, a_ptrs, t * WT, kw_total, rw, ra, acc, asum, ones,
-                                   BLOCK_N, BLOCK_M, G, EVEN_K)
+                                   BLOCK_N, BLOCK_M, G, EVEN_K, CACHE)
             t += 1
     else:
         for t in tl.range(t_lo, t_hi, num_stages=NUM_STAGES):  # explicit stages: no dot, no default pipelining
             acc, asum = _gemv_tile(w_ptrs, a_ptrs, t * WT, kw_total, rw, ra, acc, asum, ones,
-                                   BLOCK_N, BLOCK_M, G, EVEN_K)
+                                   BLOCK_N, BLOCK_M, G, EVEN_K, CACHE)
     dot = tl.sum(acc, axis=2)  # [BLOCK_M, BLOCK_N], exact int32
     a_tot = tl.sum(tl.sum(asum, axis=2), axis=1)  # [BLOCK_M]
     zw = tl.load(zw_ptr + rn, mask=n_ok, other=0.0)
     sw = tl.load(sw_ptr + rn, mask=n_ok, other=0.0)
-    sx = tl.load(sx_ptr + rm, mask=m_ok, other=0.0)
+    sx = tl.load(sx_ptr + rm, mask=m_ok, other=0.0, cache_modifier=CACHE)
     val = dot.to(tl.float32) - a_tot.to(tl.float32)[:, None] * zw[None, :]  # exact integers (< 2^24)
     part = val * sx[:, None] * sw[None, :]
     mask_o = m_ok[:, None] & n_ok[None, :]
@@ -490,6 +575,30 @@ def w4a8_gemv_joined(a: torch.Tensor, s_x: torch.Tensor, packed: list[torch.Tens
     packed: 1–3 uint8 [N_i, K/2] with equal K and row stride; w_scale, w_zero (and bias)
     cover the stacked rows: [ΣN_i]. Column block i of y is what `w4a8_gemv` gives for W_i.
     pdl: as for `w4a8_gemv`."""
+    launch = gemv_launch(a, s_x, packed, w_scale, w_zero, bias, out_dtype, config, **tune)
+    meta = dict(launch.meta)
+    if pdl and pdl_supported(a.device):
+        meta.update(PDL=True, launch_pdl=True)
+    w4a8_gemv_kernel[(launch.row_blocks, launch.split_k)](*launch.args, **meta)
+    return launch.out
+
+
+@dataclass
+class GemvLaunch:
+    """What a launch of `gemv_program` needs: runtime arguments and compile-time ones (in the
+    kernel's order, the number of warps among the latter), its (row blocks × splits) grid,
+    and the output it fills."""
+    args: tuple
+    meta: dict
+    row_blocks: int
+    split_k: int
+    out: torch.Tensor
+
+
+def gemv_launch(a: torch.Tensor, s_x: torch.Tensor, packed: list[torch.Tensor], w_scale: torch.Tensor,
+                w_zero: torch.Tensor, bias: torch.Tensor | None = None, out_dtype: torch.dtype = torch.bfloat16,
+                config: dict[str, int] | None = None, **tune: int) -> GemvLaunch:
+    """Arguments of `gemv_program` for `w4a8_gemv_joined` (checks the shapes)."""
     m, k = a.shape
     if not joined_gemv_supported(m, k, packed):
         raise ValueError(f"the GEMV joins 1 to 3 weights and takes M ≤ {GEMV_MAX_M}, K % 8 == 0, 4-byte aligned "
@@ -516,12 +625,9 @@ def w4a8_gemv_joined(a: torch.Tensor, s_x: torch.Tensor, packed: list[torch.Tens
     # (split_k is a runtime value): the counters must be int32 whatever out's dtype.
     ws, cnt = _gemv_workspace(m * n if split_k > 1 else 1, n_tiles if split_k > 1 else 1, a.device)
     has_bias = bias is not None
-    if pdl and pdl_supported(a.device):
-        cfg.update(PDL=True, launch_pdl=True)
-    w4a8_gemv_kernel[(n_tiles, split_k)](
-        a32, *w32, s_x, w_scale, w_zero, bias if has_bias else out, out, ws, cnt,
-        m, n, n1, n2, t1, t2, k // 8, sa // 4 if aligned else sa, sw // 4 if aligned else sw, out.stride(0),
-        split_k, tiles_per_split,
-        HAS_BIAS=has_bias, EVEN_K=(k // 8) % (cfg["BLOCK_K"] // 8) == 0, ALIGNED=aligned, SEGMENTS=len(packed), **cfg,
-    )
-    return out
+    args = (a32, *w32, s_x, w_scale, w_zero, bias if has_bias else out, out, ws, cnt,
+            m, n, n1, n2, t1, t2, k // 8, sa // 4 if aligned else sa, sw // 4 if aligned else sw, out.stride(0),
+            split_k, tiles_per_split)
+    meta = dict(HAS_BIAS=has_bias, EVEN_K=(k // 8) % (cfg["BLOCK_K"] // 8) == 0, ALIGNED=aligned,
+                SEGMENTS=len(packed), **cfg)
+    return GemvLaunch(args, meta, n_tiles, split_k, out)

@@ -18,7 +18,14 @@ each row's scale s and zero z come out of the sums, q·((c − z)·s) = s·(q·c
 query (in its dtype) or the probabilities (fp16) padded to 16 MMA rows. H100, 7B shapes, 2048-token cache
 (results/kernels/session12/decode_attention.md): batch 1 / 16 / 64 21.7 / 247 / 932 µs with
 session 10's per-element dequantization, 18.6 / 178 / 657 µs now (BF16 SDPA over a BF16 cache:
-17.6 / 185 / 705); still ~3.5× the bytes floor of the codes. Numerics: float32 but for p·s
+17.6 / 185 / 705); still ~3.5× the bytes floor of the codes.
+
+Grouped-query attention (session 13, `decode_attention_group_kernel`): the G query heads of a KV
+head fill the MMA rows that were padding, one program per KV head, so each K/V tile is read and
+unpacked once per group instead of G times (results/kernels/session13/decode_attention.md, µs at
+batch 1 / 4 / 16 / 64): LLaMA-3-8B's 32/8 heads × 128 18.7 / 51.2 / 174 / 637 → 7.7 / 19.2 / 56.7 /
+194 (BF16 SDPA 12.8 / 18.0 / 54.8 / 187); SmolLM2's 9/3 × 64 → 6.1 / 7.5 / 14.1 / 55.4 (SDPA 10.7 /
+12.1 / 15.9 / 44.3). Numerics: float32 but for p·s
 rounded to fp16 (SDPA's flash kernel rounds its probabilities to BF16) and K and V not rounded
 to the model dtype: expect differences of that order from the reference path, not bit equality.
 """
@@ -157,6 +164,71 @@ def decode_attention_split_kernel(q_ptr, kc_ptr, ks_ptr, kz_ptr, vc_ptr, vs_ptr,
 
 
 @triton.jit
+def _mma(lhs, rhs):
+    """lhs · rhs on the tensor cores, float32 out (a float32 pair multiplies in IEEE float32, not
+    TF32; the interpreter, whose bf16 products are wrong, gets the same rounded values in float32)."""
+    if _INTERPRET:
+        lhs, rhs = lhs.to(tl.float32), rhs.to(tl.float32)
+    if lhs.dtype == tl.float32:
+        return tl.dot(lhs, rhs, input_precision="ieee")
+    return tl.dot(lhs, rhs)
+
+
+@triton.jit
+def decode_attention_group_kernel(q_ptr, kc_ptr, ks_ptr, kz_ptr, vc_ptr, vs_ptr, vz_ptr, mask_ptr,
+                                  m_ptr, l_ptr, acc_ptr, HQ, GROUP, HKV, L, CHUNK, TILES, SPLITS,
+                                  sqb, sqh, smb, sml, scaling,
+                                  D: tl.constexpr, BLOCK_N: tl.constexpr, HAS_MASK: tl.constexpr,
+                                  OUT_DTYPE: tl.constexpr, GP: tl.constexpr):
+    """The split kernel's FOLD + DOT arithmetic with one program per (sequence, KV head, split)
+    for the GROUP query heads that read that KV head: they are the rows of the tensor-core
+    products (GP ≥ 16 rows, the padding rows zero), so each K and V tile is read and unpacked once
+    for the group instead of once per query head."""
+    bk = tl.program_id(0)  # b · HKV + kv
+    split = tl.program_id(1)
+    b = bk // HKV
+    kv = bk % HKV
+    g = tl.arange(0, GP)
+    g_ok = g < GROUP
+    h = kv * GROUP + g  # the group's query heads
+    d = tl.arange(0, D)
+    q = tl.load(q_ptr + b.to(tl.int64) * sqb + h[:, None] * sqh + d[None, :], mask=g_ok[:, None], other=0.0)
+    q_sum = tl.sum(q.to(tl.float32), axis=1)
+    q = q.to(OUT_DTYPE)
+    row0 = bk.to(tl.int64) * L
+    mask_row = mask_ptr + b.to(tl.int64) * smb
+    m = tl.full([GP], float("-inf"), tl.float32)
+    s_exp = tl.zeros([GP], tl.float32)
+    acc = tl.zeros([GP, D], tl.float32)
+    start = split * CHUNK
+    tile = 0
+    while tile < TILES:  # (a while loop: the interpreter cannot run `range` over a runtime bound)
+        pos = start + tile * BLOCK_N + tl.arange(0, BLOCK_N)
+        pos_ok = pos < L
+        if HAS_MASK:
+            pos_ok = pos_ok & (tl.load(mask_row + pos.to(tl.int64) * sml, mask=pos_ok, other=0) != 0)
+        kc, ks, kz = _code_tile(kc_ptr, ks_ptr, kz_ptr, row0, pos, pos_ok, D)
+        qk = _mma(q, tl.trans(kc.to(OUT_DTYPE)))  # [GP, BLOCK_N]
+        scores = tl.where(pos_ok[None, :], ks[None, :] * (qk - kz[None, :] * q_sum[:, None]) * scaling,
+                          float("-inf"))
+        m_new = tl.maximum(m, tl.max(scores, axis=1))
+        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # all masked so far: no (−inf) − (−inf)
+        p = tl.exp(scores - m_ref[:, None])
+        decay = tl.exp(m - m_ref)
+        vc, vs, vz = _code_tile(vc_ptr, vs_ptr, vz_ptr, row0, pos, pos_ok, D)
+        ps = (p * vs[None, :]).to(tl.float16)  # the product's operand, also in the zero-point term
+        pv = _mma(ps, vc.to(tl.float16)) - tl.sum(ps.to(tl.float32) * vz[None, :], axis=1)[:, None]
+        s_exp = s_exp * decay + tl.sum(p, axis=1)
+        acc = acc * decay[:, None] + pv
+        m = m_new
+        tile += 1
+    part = (b.to(tl.int64) * HQ + h) * SPLITS + split
+    tl.store(m_ptr + part, m, mask=g_ok)
+    tl.store(l_ptr + part, s_exp, mask=g_ok)
+    tl.store(acc_ptr + part[:, None] * D + d[None, :], acc, mask=g_ok[:, None])
+
+
+@triton.jit
 def decode_attention_merge_kernel(m_ptr, l_ptr, acc_ptr, out_ptr, HQ, SPLITS, sob, soh,
                                   D: tl.constexpr, BLOCK_S: tl.constexpr):
     bh = tl.program_id(0)
@@ -197,15 +269,19 @@ def _splits(programs: int, length: int, device: torch.device) -> int:
 
 def decode_attention(query: torch.Tensor, key_parts: tuple[torch.Tensor, ...], value_parts: tuple[torch.Tensor, ...],
                      mask: torch.Tensor | None, scaling: float, fold: bool = True, stages: int = 1,
-                     warps: int = 4, dot: bool = True) -> torch.Tensor:
+                     warps: int = 4, dot: bool = True, grouped: bool = True) -> torch.Tensor:
     """softmax(q·Kᵀ·scaling, masked)·V for query [B, Hq, 1, D] over a StaticQuantizedKVCache layer's
     (packed codes [B, Hkv, L, D/2], scale, zero [B, Hkv, L, 1]) for K and V; mask bool
     [B or 1, 1, 1, L] (True: attend) or None (all positions). Returns [B, 1, Hq, D] (the layout
-    transformers' attention functions return), in query's dtype. fold, stages, warps, dot: the
-    split kernel's FOLD, STAGES, num_warps and DOT (defaults from `scripts/decode_attention_speed.py`)."""
+    transformers' attention functions return), in query's dtype. grouped (with fold and dot, and
+    grouped-query attention: Hq > Hkv): one program per KV head for its query heads
+    (`decode_attention_group_kernel`); else one per query head, with the split kernel's FOLD,
+    STAGES, num_warps and DOT from fold, stages, warps, dot (defaults from
+    `scripts/decode_attention_speed.py`)."""
     b, hq, _, d = query.shape
     hkv, length = key_parts[0].shape[1], key_parts[0].shape[2]
-    splits = _splits(b * hq, length, query.device)
+    grouped = grouped and fold and dot and hq > hkv  # MHA: the per-query-head kernel (5–7% faster at batch ≥ 16)
+    splits = _splits(b * (hkv if grouped else hq), length, query.device)
     key = (b * hq, splits, d, query.device)
     if key not in _WORKSPACE:  # reused: repeated calls and CUDA graphs allocate nothing
         _WORKSPACE[key] = (torch.empty(b * hq * splits, device=query.device),
@@ -218,11 +294,14 @@ def decode_attention(query: torch.Tensor, key_parts: tuple[torch.Tensor, ...], v
         smb, sml = (mask.stride(0) if mask.shape[0] > 1 else 0), mask.stride(3)
     else:
         smb = sml = 0
-    decode_attention_split_kernel[(b * hq, splits)](
-        query, *key_parts, *value_parts, query if mask is None else mask, m, s_exp, acc, hq, hq // hkv, hkv, length,
-        chunk, chunk // BLOCK_N, splits, query.stride(0), query.stride(1),
-        smb, sml, float(scaling), D=d, BLOCK_N=BLOCK_N, HAS_MASK=mask is not None,
-        OUT_DTYPE=_TL_DTYPES[query.dtype], FOLD=fold, STAGES=stages, DOT=dot and fold, num_warps=warps)
+    args = (query, *key_parts, *value_parts, query if mask is None else mask, m, s_exp, acc, hq, hq // hkv, hkv,
+            length, chunk, chunk // BLOCK_N, splits, query.stride(0), query.stride(1), smb, sml, float(scaling))
+    meta = dict(D=d, BLOCK_N=BLOCK_N, HAS_MASK=mask is not None, OUT_DTYPE=_TL_DTYPES[query.dtype], num_warps=warps)
+    if grouped:
+        decode_attention_group_kernel[(b * hkv, splits)](*args, GP=max(16, triton.next_power_of_2(hq // hkv)),
+                                                         **meta)
+    else:
+        decode_attention_split_kernel[(b * hq, splits)](*args, FOLD=fold, STAGES=stages, DOT=dot and fold, **meta)
     decode_attention_merge_kernel[(b * hq,)](m, s_exp, acc, out, hq, splits, out.stride(0), out.stride(2), D=d,
                                              BLOCK_S=max(2, triton.next_power_of_2(splits)), num_warps=4)
     return out

@@ -28,6 +28,8 @@ the row is normalised (and rounded, as the model rounds it) before the transform
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import triton
 import triton.language as tl
@@ -59,8 +61,22 @@ def row_transform_quant_kernel(
     power of two, so no tile element is padding and no mask is computed."""
     if LAUNCH_DEPENDENTS:  # the decode GEMV after this kernel may start fetching its weight now
         gdc_launch_dependents()
+    transform_rows(tl.program_id(0), x_ptr, smooth_ptr, rot1_ptr, perm_ptr, rot2_ptr, scratch_ptr, out_ptr, scale_ptr,
+                   norm_w_ptr, up_ptr, M, K, NB, stride_xm, stride_om, clip, qmax, eps, N, NB_PAD, T, HAS_SMOOTH,
+                   HAS_R1, HAS_PERM, HAS_R2, PRECISE, SYMMETRIC, HAS_NORM, NORM_W, GATED, RECIP, EVEN)
+
+
+@triton.jit
+def transform_rows(
+    pid, x_ptr, smooth_ptr, rot1_ptr, perm_ptr, rot2_ptr, scratch_ptr, out_ptr, scale_ptr, norm_w_ptr, up_ptr,
+    M, K, NB, stride_xm, stride_om, clip, qmax, eps,
+    N: tl.constexpr, NB_PAD: tl.constexpr, T: tl.constexpr, HAS_SMOOTH: tl.constexpr, HAS_R1: tl.constexpr,
+    HAS_PERM: tl.constexpr, HAS_R2: tl.constexpr, PRECISE: tl.constexpr, SYMMETRIC: tl.constexpr,
+    HAS_NORM: tl.constexpr, NORM_W: tl.constexpr, GATED: tl.constexpr, RECIP: tl.constexpr, EVEN: tl.constexpr,
+):
+    """Tokens pid·T … pid·T + T − 1: transform, quantize, store codes and scales (the body of
+    `row_transform_quant_kernel`, also the producer half of `triton_fused_decode`)."""
     R: tl.constexpr = T * NB_PAD
-    pid = tl.program_id(0)
     r = tl.arange(0, R)
     tok = pid * T + r // NB_PAD  # token of each tile row
     blk = r % NB_PAD  # its block
@@ -144,6 +160,47 @@ def row_tile(k: int, n: int, m: int = 1) -> tuple[int, int, int]:
     return nb_pad, t, tile_warps(t, nb_pad, n)
 
 
+@dataclass
+class RowsLaunch:
+    """What a launch of `transform_rows` needs: the runtime arguments and the compile-time
+    ones (in the kernel's order), its program count and warps, and the outputs it fills."""
+    args: tuple
+    meta: dict
+    programs: int
+    warps: int
+    codes: torch.Tensor
+    scale: torch.Tensor
+
+
+def rows_launch(x: torch.Tensor, rot1: torch.Tensor | None, perm: torch.Tensor | None, rot2: torch.Tensor | None,
+                smooth: torch.Tensor | None, bits: int = 4, clip: float = 0.9, out_dtype: torch.dtype = torch.int8,
+                precise: bool = False, tokens_per_program: int | None = None, symmetric: bool = False,
+                norm: InputNorm | None = None, up: torch.Tensor | None = None,
+                fast_quant: bool | None = None) -> RowsLaunch:
+    """Arguments of `transform_rows` for x [..., K] (see `duquant_quantize_rows`)."""
+    k = x.shape[-1]
+    n = rotation_block(k, rot1, rot2)
+    x2, up2, out, scale = token_rows_and_outputs(x, out_dtype, up, norm)
+    m = x2.shape[0]
+    f = prepared_factors(rot1, perm, rot2, smooth, precise)
+    nb_pad, t, w = row_tile(k, n, m)
+    if tokens_per_program:
+        t = tokens_per_program
+        w = tile_warps(t, nb_pad, n)
+    dummy = scale
+    scratch = _buffer("rows", m * k, torch.float32, x.device) if precise and perm is not None else dummy
+    norm_w = None if norm is None or norm.weight is None else norm.weight.contiguous()
+    args = (x2, *(v if v is not None else dummy for v in (f.smooth, f.rot1, f.perm, f.rot2)), scratch, out, scale,
+            norm_w if norm_w is not None else dummy, up2 if up2 is not None else dummy,
+            m, k, k // n, x2.stride(0), out.stride(0), float(clip), float((1 << bits) - 1),
+            float(norm.eps) if norm is not None else 0.0)
+    meta = dict(N=n, NB_PAD=nb_pad, T=t, HAS_SMOOTH=f.smooth is not None, HAS_R1=f.rot1 is not None,
+                HAS_PERM=f.perm is not None, HAS_R2=f.rot2 is not None, PRECISE=precise, SYMMETRIC=symmetric,
+                HAS_NORM=norm is not None, NORM_W=norm_w is not None, GATED=up2 is not None,
+                RECIP=reciprocal_codes(precise, fast_quant), EVEN=m % t == 0 and nb_pad == k // n)
+    return RowsLaunch(args, meta, triton.cdiv(m, t), w, out, scale)
+
+
 def duquant_quantize_rows(x: torch.Tensor, rot1: torch.Tensor | None, perm: torch.Tensor | None,
                           rot2: torch.Tensor | None, smooth: torch.Tensor | None, bits: int = 4, clip: float = 0.9,
                           out_dtype: torch.dtype = torch.int8, precise: bool = False,
@@ -154,29 +211,12 @@ def duquant_quantize_rows(x: torch.Tensor, rot1: torch.Tensor | None, perm: torc
     """Same contract as `triton_transform.duquant_quantize`: x [..., K] -> (a [M, K], scale [M]).
     fast_quant: codes through a reciprocal (`centered_codes` RECIP; default: in fast mode).
     max_regs: registers per thread the compiler may use (None: its choice)."""
-    k = x.shape[-1]
-    n = rotation_block(k, rot1, rot2)
-    x2, up2, out, scale = token_rows_and_outputs(x, out_dtype, up, norm)
-    m = x2.shape[0]
-    if m == 0:
-        return out, scale
-    f = prepared_factors(rot1, perm, rot2, smooth, precise)
-    nb_pad, t, w = row_tile(k, n, m)
-    if tokens_per_program:
-        t = tokens_per_program
-        w = tile_warps(t, nb_pad, n)
-    dummy = scale
-    scratch = _buffer("rows", m * k, torch.float32, x.device) if precise and perm is not None else dummy
-    norm_w = None if norm is None or norm.weight is None else norm.weight.contiguous()
-    row_transform_quant_kernel[(triton.cdiv(m, t),)](
-        x2, *(v if v is not None else dummy for v in (f.smooth, f.rot1, f.perm, f.rot2)), scratch, out, scale,
-        norm_w if norm_w is not None else dummy, up2 if up2 is not None else dummy,
-        m, k, k // n, x2.stride(0), out.stride(0), float(clip), float((1 << bits) - 1),
-        float(norm.eps) if norm is not None else 0.0,
-        N=n, NB_PAD=nb_pad, T=t, HAS_SMOOTH=f.smooth is not None, HAS_R1=f.rot1 is not None,
-        HAS_PERM=f.perm is not None, HAS_R2=f.rot2 is not None, PRECISE=precise, SYMMETRIC=symmetric,
-        HAS_NORM=norm is not None, NORM_W=norm_w is not None, GATED=up2 is not None,
-        LAUNCH_DEPENDENTS=pdl_supported(x.device), RECIP=reciprocal_codes(precise, fast_quant),
-        EVEN=m % t == 0 and nb_pad == k // n, num_warps=warps or w, **({"maxnreg": max_regs} if max_regs else {}),
+    launch = rows_launch(x, rot1, perm, rot2, smooth, bits, clip, out_dtype, precise, tokens_per_program, symmetric,
+                         norm, up, fast_quant)
+    if launch.programs == 0:
+        return launch.codes, launch.scale
+    row_transform_quant_kernel[(launch.programs,)](
+        *launch.args, **launch.meta, LAUNCH_DEPENDENTS=pdl_supported(x.device), num_warps=warps or launch.warps,
+        **({"maxnreg": max_regs} if max_regs else {}),
     )
-    return out, scale
+    return launch.codes, launch.scale

@@ -64,9 +64,13 @@ class JoinedDecode:
     def forward(self, member: nn.Module, x: torch.Tensor) -> torch.Tensor:
         """`member`'s output for input x: its columns of the joined GEMV's output."""
         def run() -> torch.Tensor:
-            a, s = member._quantize_input(x)
             scale, zero, bias = self._stacked_vectors()
-            return ops.w4a4_linear_joined(a, s, [m.packed_weight() for m in self.members], scale, zero, bias, x.dtype)
+            weights = [m.packed_weight() for m in self.members]
+            y = member._fused_decode(x, weights, scale, zero, bias)  # the transform inside the GEMV
+            if y is None:
+                a, s = member._quantize_input(x)
+                y = ops.w4a4_linear_joined(a, s, weights, scale, zero, bias, x.dtype)
+            return y
 
         y = self.memo.lookup(x, member._transform_key(), run)
         start, stop = self.columns(member)

@@ -128,18 +128,32 @@ class RealQuantLinear(nn.Module):
         joined = self.__dict__.get("joined_decode")  # set by modeling.joined_decode
         if joined is not None and joined.applies(x):
             return joined.forward(self, x)
-        return self._linear(x, *self._quantize_input(x))
+        y = self._fused_decode(x, [self.packed_weight()], self.w_scale, self.w_zero, self._bias32())
+        return y if y is not None else self._linear(x, *self._quantize_input(x))
 
     def forward_gated(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
         """This layer applied to silu(gate)·up, the product formed inside the transform kernel
         (`modeling.fusion.FusedSwiGLU`)."""
-        return self._linear(gate, *self._quantize_input_uncached(gate, up))
+        y = self._fused_decode(gate, [self.packed_weight()], self.w_scale, self.w_zero, self._bias32(), up)
+        return y if y is not None else self._linear(gate, *self._quantize_input_uncached(gate, up))
+
+    def _fused_decode(self, x: torch.Tensor, weights: list[PackedWeight], scale: torch.Tensor, zero: torch.Tensor,
+                      bias: torch.Tensor | None, up: torch.Tensor | None = None) -> torch.Tensor | None:
+        """This layer's input transform and the decode GEMV of `weights` (this layer's, or its
+        joined siblings' stacked) as one launch (`ops.fused_decode_linear`); None where that
+        kernel does not serve the call (prefill, the Hadamard transform, …)."""
+        if self.hadamard:
+            return None
+        return ops.fused_decode_linear(x, weights, scale, zero, bias, self.rot1, self.perm, self.rot2, self.act_bits,
+                                       self.act_clip, self.act_symmetric, self._input_norm(), up, x.dtype)
+
+    def _bias32(self) -> torch.Tensor | None:
+        return None if self.bias is None else self.bias.to(torch.float32)
 
     def _linear(self, x: torch.Tensor, a: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
         a, s = a.reshape(-1, self.in_features), s.reshape(-1)
-        bias = None if self.bias is None else self.bias.to(torch.float32)
-        y = ops.w4a4_linear(a, s, self.packed_weight(), bias, x.dtype)
+        y = ops.w4a4_linear(a, s, self.packed_weight(), self._bias32(), x.dtype)
         return y.reshape(*lead, self.out_features)
 
     def extra_repr(self) -> str:
