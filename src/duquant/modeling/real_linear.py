@@ -128,13 +128,17 @@ class RealQuantLinear(nn.Module):
         joined = self.__dict__.get("joined_decode")  # set by modeling.joined_decode
         if joined is not None and joined.applies(x):
             return joined.forward(self, x)
-        y = self._fused_decode(x, [self.packed_weight()], self.w_scale, self.w_zero, self._bias32())
+        y = None
+        if ops.FUSED_DECODE:  # checked first: a prefill call builds nothing for it
+            y = self._fused_decode(x, [self.packed_weight()], self.w_scale, self.w_zero, self._bias32())
         return y if y is not None else self._linear(x, *self._quantize_input(x))
 
     def forward_gated(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
         """This layer applied to silu(gate)·up, the product formed inside the transform kernel
         (`modeling.fusion.FusedSwiGLU`)."""
-        y = self._fused_decode(gate, [self.packed_weight()], self.w_scale, self.w_zero, self._bias32(), up)
+        y = None
+        if ops.FUSED_DECODE:
+            y = self._fused_decode(gate, [self.packed_weight()], self.w_scale, self.w_zero, self._bias32(), up)
         return y if y is not None else self._linear(gate, *self._quantize_input_uncached(gate, up))
 
     def _fused_decode(self, x: torch.Tensor, weights: list[PackedWeight], scale: torch.Tensor, zero: torch.Tensor,
