@@ -30,8 +30,8 @@ from duquant.kernels import ops
 from duquant.kernels import reference as ref
 from duquant.kernels.norm import InputNorm
 from duquant.kernels.triton_decode import w4a8_gemv, w4a8_gemv_joined
-from duquant.kernels.triton_fused_decode import transform_gemv
-from duquant.kernels.triton_row_transform import duquant_quantize_rows, row_tile
+from duquant.kernels.triton_fused_decode import default_warps, transform_gemv
+from duquant.kernels.triton_row_transform import duquant_quantize_rows
 from duquant.kernels.triton_transform import duquant_quantize
 from duquant.kernels.weight import quantize_weight
 
@@ -151,8 +151,8 @@ def _chain_rows(ms: list[int]) -> tuple[list[dict], list[str]]:
             y_ref = torch.cat([ref.w4a4_linear_ref(a, s, p) for p in base], dim=1).float()
             err = float((y.float() - y_ref).norm() / y_ref.norm())
             err_one = float((one_launch(w4[0]).float() - y_ref).norm() / y_ref.norm())
-            default_warps = max(row_tile(k, 128, m)[2], 4 if m <= 4 else 8)
-            other = 8 if default_warps == 4 else 4
+            warps = default_warps(k, 128, m)
+            other = 8 if warps == 4 else 4
             t_bf16 = _graph_bench([lambda ws=ws, w=w: x @ w.T for ws in bf16 for w in ws]) * len(ns)
             t_plain = _graph_bench([lambda p=p: chain(p, False) for p in w4])
             t_pdl = _graph_bench([lambda p=p: chain(p, True) for p in w4])
@@ -162,7 +162,7 @@ def _chain_rows(ms: list[int]) -> tuple[list[dict], list[str]]:
             t_waves = _graph_bench([lambda p=p: one_launch(p, waves=2) for p in w4])
             _emit(rows, lines, {"group": name, "M": m, "K": k, "fused_op": op, "bf16_us": t_bf16, "chain_us": t_plain,
                                 "chain_pdl_us": t_pdl, "chain_hot_l2_us": t_hot, "one_launch_us": t_one,
-                                "one_launch_warps": default_warps, "one_launch_other_warps_us": t_other,
+                                "one_launch_warps": warps, "one_launch_other_warps_us": t_other,
                                 "other_warps": other, "one_launch_waves2_us": t_waves,
                                 "pdl_rel_err_vs_reference": err, "one_launch_rel_err_vs_reference": err_one},
                   f"| {name} | {m} | {t_bf16:.1f} | {t_plain:.1f} | {t_pdl:.1f} | {t_hot:.1f} | {t_one:.1f} | "

@@ -17,7 +17,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from duquant.kernels.triton_decode import gemv_config
-from duquant.kernels.triton_fused_decode import transform_gemv_kernel
+from duquant.kernels.triton_fused_decode import default_warps, transform_gemv_kernel
 from duquant.kernels.triton_row_transform import row_tile, row_transform_quant_kernel
 from duquant.kernels.triton_transform import transform_quant_kernel
 
@@ -80,12 +80,11 @@ def rows(k: int, n: int, precise: bool, norm: bool = False, gated: bool = False)
 def fused_decode(m: int, k: int, n: int, rows_n: int, norm: bool = False, gated: bool = False,
                  warps: int | None = None) -> str:
     """triton_fused_decode.transform_gemv_kernel for m tokens, K = k, rotation block n, one weight of rows_n rows."""
-    nb_pad, t, rows_warps = row_tile(k, n, m)
+    nb_pad, t, _ = row_tile(k, n, m)
     cfg = gemv_config(m, rows_n, k, 132)
-    gemv_warps = cfg.pop("num_warps")
-    for name in ("split_k", "tiles_per_split"):
+    for name in ("num_warps", "split_k", "tiles_per_split"):
         cfg.pop(name)
-    warps = warps or max(rows_warps, gemv_warps)
+    warps = warps or default_warps(k, n, m)
     ptr = {"x_ptr": "*bf16", "smooth_ptr": "*fp32", "rot1_ptr": "*bf16", "perm_ptr": "*i32", "rot2_ptr": "*bf16",
            "scratch_ptr": "*fp32", "codes_ptr": "*i8", "scale_ptr": "*fp32", "norm_w_ptr": "*bf16", "up_ptr": "*bf16",
            "a_ptr": "*i32", "w_ptr": "*i32", "w2_ptr": "*i32", "w3_ptr": "*i32", "sx_ptr": "*fp32", "sw_ptr": "*fp32",

@@ -54,16 +54,20 @@ ROWS_WIDE_MAX_M = 256
 ROWS_MAX_TILE = 16384  # one token's padded [NB_PAD, n] tile; K = 11008 takes 128 × 128
 
 
+def padded_row(k: int, n: int) -> int:
+    """Elements of one token's tile in the rows kernel: k/n blocks of n, padded to a power of two."""
+    return (1 << (k // n - 1).bit_length()) * n
+
+
 def transform_kernel(m: int, k: int, n: int = 128) -> str:
     """Which DuQuant transform kernel runs for m tokens of k channels in n-wide rotation
     blocks: "tiles" or "rows"."""
     if TRANSFORM_KERNEL != "auto":
         return TRANSFORM_KERNEL
-    blocks = k // n
     if k > ROWS_MAX_K:
-        wide_ok = (1 << (blocks - 1).bit_length()) * n <= ROWS_MAX_TILE
+        wide_ok = padded_row(k, n) <= ROWS_MAX_TILE
         return "rows" if wide_ok and DECODE_MAX_M < m <= ROWS_WIDE_MAX_M else "tiles"
-    return "rows" if m <= ROWS_MAX_M or blocks & (blocks - 1) == 0 else "tiles"
+    return "rows" if m <= ROWS_MAX_M or padded_row(k, n) == k else "tiles"
 
 
 # The attention operands (Q, K, V per token and head: Hadamard + quantizer, KV-cache writes and
@@ -252,18 +256,22 @@ FUSED_DECODE = os.environ.get("DUQUANT_FUSED_DECODE", "0") == "1"
 FUSED_DECODE_MAX_TILE = int(os.environ.get("DUQUANT_FUSED_DECODE_MAX_TILE", "16384"))
 
 
-def fused_decode_supported(x: torch.Tensor, weights: list[PackedWeight], n: int) -> bool:
-    """Whether `fused_decode_linear` serves x [..., K] with these weights and n-wide rotation blocks."""
+def fused_decode_supported(x: torch.Tensor, weights: list[PackedWeight], rot1: torch.Tensor | None,
+                           rot2: torch.Tensor | None) -> bool:
+    """Whether `fused_decode_linear` serves x [..., K] with these weights and rotations."""
     k = x.shape[-1]
     m = x.numel() // k
-    if not (FUSED_DECODE and use_triton(x) and 1 <= m <= DECODE_GEMV_MAX_M and n >= 16 and k % n == 0
+    if not (FUSED_DECODE and use_triton(x) and 1 <= m <= DECODE_GEMV_MAX_M
             and not any(w.group_size for w in weights)):
         return False
-    blocks = k // n
-    padded = (1 << (blocks - 1).bit_length()) * n
+    from duquant.kernels import triton_decode as dec
+    from duquant.kernels.triton_transform import rotation_block
+    try:
+        padded = padded_row(k, rotation_block(k, rot1, rot2))
+    except ValueError:  # blocks that do not tile K: no kernel takes them
+        return False
     if not ((k <= ROWS_MAX_K and padded == k) or padded <= FUSED_DECODE_MAX_TILE):
         return False
-    from duquant.kernels import triton_decode as dec
     return dec.joined_gemv_supported(m, k, [w.packed for w in weights])
 
 
@@ -275,9 +283,7 @@ def fused_decode_linear(x: torch.Tensor, weights: list[PackedWeight], scale: tor
     """`w4a4_linear_joined(*transform_quantize(x, …), weights, …)` as one launch: y [..., ΣN_i]
     (scale, zero and bias over the stacked rows, as there). None where the fused kernel does
     not serve the call (`fused_decode_supported`): the caller runs the two steps."""
-    rots = [r for r in (rot1, rot2) if r is not None]
-    n = rots[0].shape[0] if rots else min(128, x.shape[-1] & -x.shape[-1])
-    if not fused_decode_supported(x, weights, n):
+    if not fused_decode_supported(x, weights, rot1, rot2):
         return None
     from duquant.kernels.triton_fused_decode import transform_gemv
     y = transform_gemv(x, rot1, perm, rot2, None, [w.packed for w in weights], scale, zero, bias, bits, clip,

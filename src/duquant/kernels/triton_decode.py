@@ -502,6 +502,11 @@ def gemv_program(
             tl.atomic_xchg(cnt_ptr + pid_n, 0)  # ready for the next call
 
 
+def gemv_warps(m: int) -> int:
+    """The GEMV's default warps for m tokens (`gemv_config`)."""
+    return 4 if m <= 4 else 8
+
+
 def gemv_config(m: int, n: int, k: int, num_sms: int, block_n: int | None = None, block_k: int | None = None,
                 waves: int = 4, num_warps: int | None = None, num_stages: int = 3) -> dict[str, int]:
     """Tiles and split-K for `w4a8_gemv`: ≥ `waves` programs per SM where K allows it, each
@@ -513,7 +518,7 @@ def gemv_config(m: int, n: int, k: int, num_sms: int, block_n: int | None = None
     the weight bytes). Per thread the int32 accumulators are M·BLOCK_N·BLOCK_K/(1024·warps)."""
     block_n = block_n or (32 if m <= 8 else 64)
     block_k = block_k or (1024 if m <= 8 else 512)
-    num_warps = num_warps or (4 if m <= 4 else 8)
+    num_warps = num_warps or gemv_warps(m)
     block_k = max(32, min(block_k, triton.next_power_of_2(k)))
     n_tiles = triton.cdiv(n, block_n)
     k_tiles = triton.cdiv(k, block_k)

@@ -69,19 +69,24 @@ def _code_tile(codes_ptr, scale_ptr, zero_ptr, row0, pos, pos_ok, D: tl.constexp
 
 
 @triton.jit
+def _mma(lhs, rhs):
+    """lhs · rhs on the tensor cores, float32 out (a float32 pair multiplies in IEEE float32, not
+    TF32; the interpreter, whose bf16 products are wrong, gets the same rounded values in float32)."""
+    if _INTERPRET:
+        lhs, rhs = lhs.to(tl.float32), rhs.to(tl.float32)
+    if lhs.dtype == tl.float32:
+        return tl.dot(lhs, rhs, input_precision="ieee")
+    return tl.dot(lhs, rhs)
+
+
+@triton.jit
 def _row0_product(row, tile, TRANS: tl.constexpr):
-    """row · tile (TRANS: row · tileᵀ) on the tensor cores: the row is padded to the MMA's 16
-    rows (15 of them zero), rounded to the tile's dtype, and row 0 of the float32 product is
-    returned (a float32 tile multiplies in IEEE float32, not TF32)."""
+    """row · tile (TRANS: row · tileᵀ) on the tensor cores (`_mma`): the row is padded to the
+    MMA's 16 rows (15 of them zero), rounded to the tile's dtype, and row 0 of the float32
+    product is returned."""
     first = tl.arange(0, 16)[:, None] == 0
     lhs = tl.where(first, row[None, :], 0.0).to(tile.dtype)
-    rhs = tl.trans(tile) if TRANS else tile
-    if _INTERPRET:  # the interpreter's bf16 products are wrong: the same rounded values in float32
-        lhs, rhs = lhs.to(tl.float32), rhs.to(tl.float32)
-    if tile.dtype == tl.float32:
-        prod = tl.dot(lhs, rhs, input_precision="ieee")
-    else:
-        prod = tl.dot(lhs, rhs)
+    prod = _mma(lhs, tl.trans(tile) if TRANS else tile)
     return tl.sum(tl.where(first, prod, 0.0), axis=0)
 
 
@@ -161,17 +166,6 @@ def decode_attention_split_kernel(q_ptr, kc_ptr, ks_ptr, kz_ptr, vc_ptr, vs_ptr,
     tl.store(m_ptr + part + tl.arange(0, 1), m)
     tl.store(l_ptr + part + tl.arange(0, 1), s_exp)
     tl.store(acc_ptr + part * D + d, acc)
-
-
-@triton.jit
-def _mma(lhs, rhs):
-    """lhs · rhs on the tensor cores, float32 out (a float32 pair multiplies in IEEE float32, not
-    TF32; the interpreter, whose bf16 products are wrong, gets the same rounded values in float32)."""
-    if _INTERPRET:
-        lhs, rhs = lhs.to(tl.float32), rhs.to(tl.float32)
-    if lhs.dtype == tl.float32:
-        return tl.dot(lhs, rhs, input_precision="ieee")
-    return tl.dot(lhs, rhs)
 
 
 @triton.jit

@@ -42,8 +42,13 @@ import triton
 import triton.language as tl
 
 from duquant.kernels.norm import InputNorm
-from duquant.kernels.triton_decode import READY_AT_COUNT, gemv_launch, gemv_program
-from duquant.kernels.triton_row_transform import rows_launch, transform_rows
+from duquant.kernels.triton_decode import (
+    READY_AT_COUNT,
+    gemv_launch,
+    gemv_program,
+    gemv_warps,
+)
+from duquant.kernels.triton_row_transform import row_tile, rows_launch, transform_rows
 
 
 @triton.jit(do_not_specialize=["split_k", "tiles_per_split", "N", "N1", "N2", "T1", "T2", "PRODUCERS", "PROGRAMS"])
@@ -81,6 +86,11 @@ def transform_gemv_kernel(
     if tl.atomic_add(sync_ptr + 1, 1, sem="acq_rel") == PROGRAMS - 1:
         tl.atomic_xchg(sync_ptr, 0)
         tl.atomic_xchg(sync_ptr + 1, 0)
+
+
+def default_warps(k: int, n: int, m: int) -> int:
+    """The launch's warps with default tiles: the larger of the rows transform's and the GEMV's."""
+    return max(row_tile(k, n, m)[2], gemv_warps(m))
 
 
 # The flag and exit counter, zero between launches (see the module docstring). One per device:

@@ -128,18 +128,21 @@ class RealQuantLinear(nn.Module):
         joined = self.__dict__.get("joined_decode")  # set by modeling.joined_decode
         if joined is not None and joined.applies(x):
             return joined.forward(self, x)
-        y = None
-        if ops.FUSED_DECODE:  # checked first: a prefill call builds nothing for it
-            y = self._fused_decode(x, [self.packed_weight()], self.w_scale, self.w_zero, self._bias32())
+        y = self._fused_decode_alone(x)
         return y if y is not None else self._linear(x, *self._quantize_input(x))
 
     def forward_gated(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
         """This layer applied to silu(gate)·up, the product formed inside the transform kernel
         (`modeling.fusion.FusedSwiGLU`)."""
-        y = None
-        if ops.FUSED_DECODE:
-            y = self._fused_decode(gate, [self.packed_weight()], self.w_scale, self.w_zero, self._bias32(), up)
+        y = self._fused_decode_alone(gate, up)
         return y if y is not None else self._linear(gate, *self._quantize_input_uncached(gate, up))
+
+    def _fused_decode_alone(self, x: torch.Tensor, up: torch.Tensor | None = None) -> torch.Tensor | None:
+        """`_fused_decode` of this layer's own weight; the option is checked first, so a call
+        with it off (the default) builds nothing for it."""
+        if not ops.FUSED_DECODE:
+            return None
+        return self._fused_decode(x, [self.packed_weight()], self.w_scale, self.w_zero, self._bias32(), up)
 
     def _fused_decode(self, x: torch.Tensor, weights: list[PackedWeight], scale: torch.Tensor, zero: torch.Tensor,
                       bias: torch.Tensor | None, up: torch.Tensor | None = None) -> torch.Tensor | None:
