@@ -14,7 +14,11 @@ weights cycled through more copies than L2 holds):
    alone (the W4A4 chain also does the RMSNorm or SwiGLU it absorbs; BF16 gets those free);
    and the same group as one launch, the transform inside the GEMV (`triton_fused_decode`), with
    its default warps, the other choice (4 or 8), and with half the GEMV's default programs
-   (`gemv_config` waves = 2: a program holds more registers than the GEMV alone).
+   (`gemv_config` waves = 2: a program holds more registers than the GEMV alone). The column
+   "as the model runs it" is the transform followed by `ops.w4a4_linear_joined`, whose dispatch
+   the model uses: the joined GEMV up to ops.DECODE_GEMV_MAX_M tokens, above it one int8-MMA
+   decode launch per weight (`w4a8_decode`); the other two-launch columns always run the joined
+   GEMV. --no-one-launch skips the one-launch columns.
 
     PYTHONPATH=src python scripts/decode_kernels.py --out-json decode_kernels.json --out-md decode_kernels.md
 """
@@ -127,10 +131,11 @@ CHAINS = [("q/k/v", [4096, 4096, 4096], 4096, "RMSNorm"), ("o", [4096], 4096, No
           ("gate/up", [11008, 11008], 4096, "RMSNorm"), ("down", [4096], 11008, "SwiGLU")]
 
 
-def _chain_rows(ms: list[int]) -> tuple[list[dict], list[str]]:
+def _chain_rows(ms: list[int], one_launch_columns: bool = True) -> tuple[list[dict], list[str]]:
     rows, lines = [], ["| group | M | BF16 GEMMs µs | transform + GEMV µs | + PDL µs | weight in L2 µs | "
                        "one launch µs | one launch, other warps µs | one launch, GEMV waves = 2 µs | "
-                       "two launches vs BF16 | **one launch vs BF16** |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+                       "two launches vs BF16 | **one launch vs BF16** | as the model runs it µs | "
+                       "**as the model runs it vs BF16** |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, ns, k, op in CHAINS:
         bf16, weights, scale, zero = _weights(ns, k)
         base = weights[0]
@@ -144,30 +149,41 @@ def _chain_rows(ms: list[int]) -> tuple[list[dict], list[str]]:
                 y = w4a8_gemv_joined(a, s, packed, scale, zero, pdl=pdl)
                 return (a, s, y) if codes else y
 
+            def as_the_model(ws):
+                a, s = ops.transform_quantize(x, r1, perm, r2, None, out_dtype=ops.act_dtype(m), norm=norm, up=up)
+                return ops.w4a4_linear_joined(a, s, ws, scale, zero)
+
             def one_launch(packed, **tune):
                 return transform_gemv(x, r1, perm, r2, None, packed, scale, zero, norm=norm, up=up, **tune)
 
             a, s, y = chain(w4[0], True, codes=True)  # a wrong chain must not look fast
             y_ref = torch.cat([ref.w4a4_linear_ref(a, s, p) for p in base], dim=1).float()
             err = float((y.float() - y_ref).norm() / y_ref.norm())
-            err_one = float((one_launch(w4[0]).float() - y_ref).norm() / y_ref.norm())
+            y_model = as_the_model(base).float()
+            err_model = float((y_model - y_ref).norm() / y_ref.norm())
+            err_one = float((one_launch(w4[0]).float() - y_ref).norm() / y_ref.norm()) if one_launch_columns else None
             warps = default_warps(k, 128, m)
             other = 8 if warps == 4 else 4
             t_bf16 = _graph_bench([lambda ws=ws, w=w: x @ w.T for ws in bf16 for w in ws]) * len(ns)
             t_plain = _graph_bench([lambda p=p: chain(p, False) for p in w4])
             t_pdl = _graph_bench([lambda p=p: chain(p, True) for p in w4])
             t_hot = _graph_bench([lambda w=w4[0]: chain(w, False)] * 8)  # one weight: L2-resident after the first call
-            t_one = _graph_bench([lambda p=p: one_launch(p) for p in w4])
-            t_other = _graph_bench([lambda p=p: one_launch(p, warps=other) for p in w4])
-            t_waves = _graph_bench([lambda p=p: one_launch(p, waves=2) for p in w4])
+            t_model = _graph_bench([lambda ws=ws: as_the_model(ws) for ws in weights])
+            t_one = t_other = t_waves = float("nan")
+            if one_launch_columns:
+                t_one = _graph_bench([lambda p=p: one_launch(p) for p in w4])
+                t_other = _graph_bench([lambda p=p: one_launch(p, warps=other) for p in w4])
+                t_waves = _graph_bench([lambda p=p: one_launch(p, waves=2) for p in w4])
             _emit(rows, lines, {"group": name, "M": m, "K": k, "fused_op": op, "bf16_us": t_bf16, "chain_us": t_plain,
                                 "chain_pdl_us": t_pdl, "chain_hot_l2_us": t_hot, "one_launch_us": t_one,
                                 "one_launch_warps": warps, "one_launch_other_warps_us": t_other,
-                                "other_warps": other, "one_launch_waves2_us": t_waves,
-                                "pdl_rel_err_vs_reference": err, "one_launch_rel_err_vs_reference": err_one},
+                                "other_warps": other, "one_launch_waves2_us": t_waves, "model_path_us": t_model,
+                                "pdl_rel_err_vs_reference": err, "one_launch_rel_err_vs_reference": err_one,
+                                "model_path_rel_err_vs_reference": err_model},
                   f"| {name} | {m} | {t_bf16:.1f} | {t_plain:.1f} | {t_pdl:.1f} | {t_hot:.1f} | {t_one:.1f} | "
-                  f"{t_other:.1f} ({other} warps) | {t_waves:.1f} | {t_bf16 / t_plain:.2f}× | **{t_bf16 / t_one:.2f}×** |",
-                  f"(rel. err vs reference: PDL chain {err:.1e}, one launch {err_one:.1e})")
+                  f"{t_other:.1f} ({other} warps) | {t_waves:.1f} | {t_bf16 / t_plain:.2f}× | **{t_bf16 / t_one:.2f}×** | "
+                  f"{t_model:.1f} | **{t_bf16 / t_model:.2f}×** |",
+                  f"(rel. err vs reference: PDL chain {err:.1e}, one launch {err_one}, as the model {err_model:.1e})")
         del bf16, w4
         torch.cuda.empty_cache()
     return rows, lines
@@ -179,11 +195,12 @@ def main() -> None:
     p.add_argument("--out-json", default=None)
     p.add_argument("--out-md", default=None)
     p.add_argument("--chains", action="store_true", help="only the transform → GEMV chains (part 3)")
+    p.add_argument("--no-one-launch", action="store_true", help="chains: skip the one-launch columns")
     args = p.parse_args()
     torch.manual_seed(0)
     description = "CUDA-graph time per call (per group for the GEMVs), weights cycled past L2"
     if args.chains:
-        chains, chain_lines = _chain_rows(args.ms)
+        chains, chain_lines = _chain_rows(args.ms, not args.no_one_launch)
         report({"chains": chains}, chain_lines, description, args.out_json, args.out_md)
         return
     gemv, gemv_lines = _gemv_rows(args.ms)

@@ -1,12 +1,13 @@
-"""Compile the transform kernels (and the decode GEMV with the transform inside it) for sm_90
-without a GPU (Triton's bundled ptxas) and print registers, spill stack and shared memory per
-variant: a variant that needs more than the H100's 227 KB of shared memory, or spills, shows
-here before any GPU time is spent.
+"""Compile the transform kernels, the decode GEMV with the transform inside it and the decode
+attention kernels for sm_90 without a GPU (Triton's bundled ptxas) and print registers, spill
+stack and shared memory per variant: a variant that needs more than the H100's 227 KB of shared
+memory, or spills, shows here before any GPU time is spent.
 
-    PYTHONPATH=src python scripts/kernel_resources.py
+    PYTHONPATH=src python scripts/kernel_resources.py [--only attention fused_decode tiles rows]
 """
 from __future__ import annotations
 
+import argparse
 import os
 import re
 import subprocess
@@ -17,6 +18,11 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from duquant.kernels.triton_decode import gemv_config
+from duquant.kernels.triton_decode_attention import (
+    BLOCK_N,
+    decode_attention_group_kernel,
+    decode_attention_split_kernel,
+)
 from duquant.kernels.triton_fused_decode import default_warps, transform_gemv_kernel
 from duquant.kernels.triton_row_transform import row_tile, row_transform_quant_kernel
 from duquant.kernels.triton_transform import transform_quant_kernel
@@ -96,7 +102,46 @@ def fused_decode(m: int, k: int, n: int, rows_n: int, norm: bool = False, gated:
     return f"warps={warps}: " + compile_sm90(transform_gemv_kernel, ptr, const, warps, ("clip", "qmax", "eps"))
 
 
+_TORCH_TO_SIG = {"bfloat16": "*bf16", "float16": "*fp16", "float32": "*fp32"}
+
+
+def attention(grouped: bool, dtype: str, d: int, gp: int = 16) -> str:
+    """A decode attention kernel for a query of `dtype` ("bfloat16", "float16", "float32"), head
+    dim d; grouped: `decode_attention_group_kernel` with GP query rows, else the per-head one."""
+    import triton.language as tl
+    ptr = {"q_ptr": _TORCH_TO_SIG[dtype], "kc_ptr": "*u8", "ks_ptr": "*fp32", "kz_ptr": "*fp32", "vc_ptr": "*u8",
+           "vs_ptr": "*fp32", "vz_ptr": "*fp32", "mask_ptr": "*i1", "m_ptr": "*fp32", "l_ptr": "*fp32",
+           "acc_ptr": "*fp32"}
+    const = dict(D=d, BLOCK_N=BLOCK_N, HAS_MASK=True, OUT_DTYPE=getattr(tl, dtype))
+    if grouped:
+        const["GP"] = gp
+        fn = decode_attention_group_kernel
+    else:
+        const.update(FOLD=True, STAGES=1, DOT=True)
+        fn = decode_attention_split_kernel
+    return compile_sm90(fn, ptr, const, 4, ("scaling",))
+
+
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", nargs="*", choices=["attention", "fused_decode", "tiles", "rows"],
+                        default=["attention", "fused_decode", "tiles", "rows"])
+    only = set(parser.parse_args().only)
+    if "attention" in only:
+        for dtype in ("bfloat16", "float16", "float32"):
+            for d in (64, 128):
+                for grouped in (False, True):
+                    kind = "grouped GP=16" if grouped else "per query head"
+                    print(f"decode attention {dtype} D={d} {kind}: {attention(grouped, dtype, d)}", flush=True)
+    if "fused_decode" in only:
+        _fused_decode_variants()
+    if "tiles" in only:
+        _tiles_variants()
+    if "rows" in only:
+        _rows_variants()
+
+
+def _fused_decode_variants() -> None:
     for m in (1, 4, 8):
         for k, n, rows_n, norm, gated in ((4096, 128, 4096, True, False), (4096, 128, 4096, False, False),
                                           (11008, 128, 4096, False, True)):
@@ -106,6 +151,9 @@ def main() -> None:
         for warps in (4, 8):
             print(f"fused decode M={m} K={k} swiglu={gated}: {fused_decode(m, k, 128, 4096, gated=gated, warps=warps)}",
                   flush=True)
+
+
+def _tiles_variants() -> None:
     for precise in (False, True):
         for stage in (0, 1, 2, 3):
             print(f"tiles n=128 BLOCK_M=64 stage={stage} precise={precise}: {tiles(128, 64, stage, precise)}", flush=True)
@@ -113,6 +161,9 @@ def main() -> None:
         print(f"tiles+norm n=128 BLOCK_M=64 stage={stage}: {tiles(128, 64, stage, False, norm=True)}", flush=True)
     for stage in (0, 1):  # with SwiGLU fused (stage 1 reads gate and up)
         print(f"tiles+swiglu n=128 BLOCK_M=64 stage={stage}: {tiles(128, 64, stage, False, gated=True)}", flush=True)
+
+
+def _rows_variants() -> None:
     for k, n in ((4096, 128), (11008, 128), (1536, 128), (576, 64)):
         for precise in (False, True):
             print(f"rows K={k} n={n} precise={precise}: {rows(k, n, precise)}", flush=True)

@@ -667,6 +667,7 @@ def test_kv_quant_kernels_on_gpu(b: int, h: int, t: int, d: int, hadamard: bool)
 
 
 @pytest.mark.parametrize("variant, dtype", [({}, torch.bfloat16), ({}, torch.float16), ({}, torch.float32),
+                                            ({"grouped": True}, torch.float32),
                                             ({"grouped": False}, torch.bfloat16), ({"grouped": False}, torch.float16),
                                             ({"fold": False}, torch.bfloat16), ({"dot": False}, torch.bfloat16),
                                             ({"stages": 2, "warps": 8, "grouped": False}, torch.bfloat16)])
@@ -678,8 +679,9 @@ def test_decode_attention_from_codes_on_gpu(b: int, hq: int, hkv: int, length: i
     over the dequantized cache with a causal + padding mask: the kernels' roundings differ (SDPA
     rounds its probabilities to BF16, the default kernel p·s to fp16, session 10's form rounds K and
     V to the model dtype), so agreement is to that precision. The default (a KV head's query heads
-    as the rows of the tensor-core products), one program per query head, session 10's unfolded
-    form, the folded form on the CUDA cores, pipelined loads; MHA, GQA 3:1 (SmolLM2) and 4:1."""
+    as the rows of the tensor-core products; per query head for a float32 query, where the group
+    kernel is forced as well), one program per query head, session 10's unfolded form, the folded
+    form on the CUDA cores, pipelined loads; MHA, GQA 3:1 (SmolLM2) and 4:1."""
     import torch.nn.functional as F
 
     from duquant.kernels.triton_decode_attention import decode_attention

@@ -258,3 +258,13 @@ def test_dependent_launch_switch_and_support():
     with pytest.raises(RuntimeError), dl.decode_pdl(not before):
         raise RuntimeError
     assert dl.DECODE_PDL is before
+
+
+def test_decode_attention_kernel_choice():
+    """The group kernel (a KV head's query heads as the MMA rows) serves grouped-query models in
+    16-bit dtypes; MHA and float32 queries (whose group kernel spills on sm_90) get one program
+    per query head."""
+    from duquant.kernels.triton_decode_attention import group_kernel_applies
+    assert group_kernel_applies(torch.bfloat16, 32, 8) and group_kernel_applies(torch.float16, 9, 3)
+    assert not group_kernel_applies(torch.bfloat16, 32, 32)
+    assert not group_kernel_applies(torch.float32, 32, 8)

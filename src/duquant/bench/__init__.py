@@ -34,8 +34,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--layers", type=int, default=None,
                    help="e2e/quantize: decoder layers (default 32, as LLaMA-2-7B; the layer level uses 1)")
     p.add_argument("--nsamples", type=int, default=128, help="quantize: calibration sequences of 2048 tokens")
-    p.add_argument("--calib-batch-size", type=int, default=1,
-                   help="quantize: calibration sequences per layer forward")
+    p.add_argument("--calib-batch-size", type=int, default=8,
+                   help="quantize: calibration sequences per layer forward (8, as `duquant quantize`)")
     p.add_argument("--calib-forward", choices=["simulated", "real"], default="simulated",
                    help="quantize: run each just-quantized layer simulated or on the W4A4 kernels "
                         "(QuantConfig.calib_forward)")

@@ -261,20 +261,32 @@ def _splits(programs: int, length: int, device: torch.device) -> int:
     return max(1, min(triton.cdiv(4 * _sm_count(device), programs), triton.cdiv(length, BLOCK_N)))
 
 
+def group_kernel_applies(dtype: torch.dtype, hq: int, hkv: int) -> bool:
+    """Whether `decode_attention` gives a KV head's query heads one program (grouped-query
+    attention, Hq > Hkv). MHA keeps the per-query-head kernel (5–7% faster at batch ≥ 16 on the
+    H100), and so does a float32 query: the group kernel's float32 products spill on sm_90
+    (`scripts/kernel_resources.py --only attention`: D = 128 32 registers and 3 KB of stack, D = 64
+    255 and 264 B; the per-query-head kernel 88–110 registers, no spill)."""
+    return hq > hkv and dtype != torch.float32
+
+
 def decode_attention(query: torch.Tensor, key_parts: tuple[torch.Tensor, ...], value_parts: tuple[torch.Tensor, ...],
                      mask: torch.Tensor | None, scaling: float, fold: bool = True, stages: int = 1,
-                     warps: int = 4, dot: bool = True, grouped: bool = True) -> torch.Tensor:
+                     warps: int = 4, dot: bool = True, grouped: bool | None = None) -> torch.Tensor:
     """softmax(q·Kᵀ·scaling, masked)·V for query [B, Hq, 1, D] over a StaticQuantizedKVCache layer's
     (packed codes [B, Hkv, L, D/2], scale, zero [B, Hkv, L, 1]) for K and V; mask bool
     [B or 1, 1, 1, L] (True: attend) or None (all positions). Returns [B, 1, Hq, D] (the layout
-    transformers' attention functions return), in query's dtype. grouped (with fold and dot, and
-    grouped-query attention: Hq > Hkv): one program per KV head for its query heads
+    transformers' attention functions return), in query's dtype. grouped (with fold and dot, for
+    grouped-query attention; None: where `group_kernel_applies`): one program per KV head for its
+    query heads
     (`decode_attention_group_kernel`); else one per query head, with the split kernel's FOLD,
     STAGES, num_warps and DOT from fold, stages, warps, dot (defaults from
     `scripts/decode_attention_speed.py`)."""
     b, hq, _, d = query.shape
     hkv, length = key_parts[0].shape[1], key_parts[0].shape[2]
-    grouped = grouped and fold and dot and hq > hkv  # MHA: the per-query-head kernel (5–7% faster at batch ≥ 16)
+    if grouped is None:
+        grouped = group_kernel_applies(query.dtype, hq, hkv)
+    grouped = grouped and fold and dot and hq > hkv
     splits = _splits(b * (hkv if grouped else hq), length, query.device)
     key = (b * hq, splits, d, query.device)
     if key not in _WORKSPACE:  # reused: repeated calls and CUDA graphs allocate nothing
