@@ -9,6 +9,9 @@
 #   layer     duquant bench --level layer: prefill at 2048 × batch 1/4/16, decode at batch 1/4/16/64
 #   e2e       duquant bench --level e2e: prefill batch 1/4, decode batch 1/4/16/64
 #   quantize  duquant bench --level quantize (DuQuant on the LLaMA-2-7B-shaped model, 8 sequences per forward)
+#   mma       (after the int8-MMA decode kernel became one launch with joined weights) its GPU tests, the decode
+#             linear groups at M = 1/4/8/12/16 as the model runs them, and the kernel bench at M = 4/8/16
+#   mma-model the layer and e2e decode benches at batch 1/4/8/16 with it
 # Results land in $OUT as JSON + markdown + logs; results/bench_h100/session14/ keeps them.
 set -uo pipefail
 OUT=${OUT:-out}
@@ -48,7 +51,25 @@ case "${1:-}" in
     timeout 560 "${bench[@]}" --level quantize --out-json "$OUT/quantize.json" --out-md "$OUT/quantize.md" \
       > "$OUT/quantize.log" 2>&1; tail -30 "$OUT/quantize.md"; tail -3 "$OUT/quantize.log"
     ;;
+  mma)  # the int8-MMA decode kernel for 9–16 tokens as one launch (nibbles four bytes at a time, joined weights)
+    timeout 240 python3 -m pytest -q -p no:cacheprovider -rf --tb=short tests/test_kernels_gpu.py \
+      -k "decode_gemm or decode_gemv or joined or ops_end_to_end or real_quant_linear" > "$OUT/pytest_mma.log" 2>&1
+    echo "pytest rc=$?"; grep -E "passed|failed|^FAILED|^E  " "$OUT/pytest_mma.log" | head -20
+    timeout 150 python3 scripts/decode_kernels.py --chains --no-one-launch --ms 1 4 8 12 16 \
+      --out-json "$OUT/decode_chains_mma.json" --out-md "$OUT/decode_chains_mma.md" > "$OUT/decode_chains_mma.log" 2>&1
+    cat "$OUT/decode_chains_mma.md"
+    timeout 150 "${bench[@]}" --level kernel --ms 4 8 16 --out-json "$OUT/kernel_decode_mma.json" \
+      --out-md "$OUT/kernel_decode_mma.md" > "$OUT/kernel_decode_mma.log" 2>&1; head -16 "$OUT/kernel_decode_mma.md"
+    ;;
+  mma-model)  # decode steps with it: one layer and the 32-layer model
+    timeout 200 "${bench[@]}" --level layer --variants bf16 w4a4_fused --batches --decode-batches 1 4 8 16 \
+      --no-profile --out-json "$OUT/layer_decode_mma.json" --out-md "$OUT/layer_decode_mma.md" > "$OUT/layer_decode_mma.log" 2>&1
+    grep -E "^\| decode" "$OUT/layer_decode_mma.md"; tail -2 "$OUT/layer_decode_mma.log"
+    timeout 300 "${bench[@]}" --level e2e --variants bf16 w4a4_fused w4a4_fused_qkv4 --batches --decode-batches 1 8 16 \
+      --no-profile --out-json "$OUT/e2e_decode_mma.json" --out-md "$OUT/e2e_decode_mma.md" > "$OUT/e2e_decode_mma.log" 2>&1
+    grep -E "^\| decode" "$OUT/e2e_decode_mma.md"; tail -2 "$OUT/e2e_decode_mma.log"
+    ;;
   *)
-    echo "usage: OUT=\$OUT bash scripts/gpu_final.sh {decode|prefill|layer|e2e|quantize}"; exit 2
+    echo "usage: OUT=\$OUT bash scripts/gpu_final.sh {decode|prefill|layer|e2e|quantize|mma|mma-model}"; exit 2
     ;;
 esac

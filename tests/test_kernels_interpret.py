@@ -180,6 +180,65 @@ def test_ops_dispatches_small_m_to_gemv(monkeypatch: pytest.MonkeyPatch) -> None
     assert _rel(y.reshape(3, 40), ref.w4a4_linear_ref(a, s_x, pw, bias, out_dtype=torch.float32)) < 1e-6
 
 
+# (M, row counts of the joined weights, K, tune) for the int8-MMA decode kernel: tokens padded
+# to 16 and 64 rows, weights ending inside a row block, K with a masked last tile, split-K and
+# one split, one to three weights.
+MMA_DECODE = [
+    (9, [40], 192, dict(block_n=16, block_k=64)),
+    (16, [33, 17], 200, dict(block_n=16, block_k=64, waves=8)),
+    (12, [16, 48, 8], 256, dict(block_n=16, block_k=128, waves=0)),
+    (33, [24], 128, dict(block_n=16, block_k=64)),
+]
+
+
+@pytest.mark.parametrize("m,rows,k,tune", MMA_DECODE)
+def test_mma_decode_is_the_stacked_references(m: int, rows: list[int], k: int, tune: dict) -> None:
+    """w4a8_decode_joined (one launch, split-K through the shared workspace) = each weight's
+    reference side by side, for int8 and e4m3 activations; the workspace is zero afterwards."""
+    from duquant.kernels.triton_decode import w4a8_decode, w4a8_decode_joined
+    cases = [_case(m, n, k, seed=30 + i) for i, n in enumerate(rows)]
+    a, s_x = cases[0][1], cases[0][2]
+    weights = [c[0] for c in cases]
+    scale, zero = torch.cat([w.scale for w in weights]), torch.cat([w.zero for w in weights])
+    bias = torch.cat([c[3] for c in cases])
+    for acts, b in ((a, None), (a, bias), (a.to(torch.float32).to(torch.float8_e4m3fn), bias)):
+        y = w4a8_decode_joined(acts, s_x, [w.packed for w in weights], scale, zero, b, out_dtype=torch.float32,
+                               **tune)
+        start = 0
+        for i, w in enumerate(weights):
+            stop = start + rows[i]
+            yr = ref.w4a4_linear_ref(a, s_x, w, None if b is None else b[start:stop], out_dtype=torch.float32)
+            assert _rel(y[:, start:stop], yr) < 1e-6, f"weight {i}"
+            start = stop
+    one = w4a8_decode(a, s_x, weights[0].packed, weights[0].scale, weights[0].zero, None, torch.float32, **tune)
+    assert _rel(one, ref.w4a4_linear_ref(a, s_x, weights[0], None, out_dtype=torch.float32)) < 1e-6
+    assert _workspace_clean()
+
+
+def test_ops_joined_linear_above_the_gemv_uses_one_mma_launch(monkeypatch: pytest.MonkeyPatch) -> None:
+    """ops.w4a4_linear_joined between DECODE_GEMV_MAX_M and DECODE_MAX_M tokens: one int8-MMA
+    decode launch for all the weights; a single linear there takes the same kernel."""
+    from duquant.kernels import ops
+    from duquant.kernels import triton_decode as dec
+    monkeypatch.setenv("DUQUANT_TRITON_INTERPRET", "1")
+    calls = []
+    real = dec.w4a8_decode_joined
+    monkeypatch.setattr(dec, "w4a8_decode_joined",
+                        lambda *args, **kw: calls.append(len(args[2])) or real(*args, **kw))
+    m = ops.DECODE_GEMV_MAX_M + 3
+    cases = [_case(m, n, 128, seed=40 + i) for i, n in enumerate((40, 24, 24))]
+    weights = [c[0] for c in cases]
+    a, s_x = cases[0][1], cases[0][2]
+    scale, zero = torch.cat([w.scale for w in weights]), torch.cat([w.zero for w in weights])
+    y = ops.w4a4_linear_joined(a.reshape(1, m, 128), s_x.reshape(1, m), weights, scale, zero, out_dtype=torch.float32)
+    assert calls == [3] and y.shape == (1, m, 88)
+    yr = torch.cat([ref.w4a4_linear_ref(a, s_x, w, None, out_dtype=torch.float32) for w in weights], dim=-1)
+    assert _rel(y.reshape(m, 88), yr) < 1e-6
+    calls.clear()
+    y1 = ops.w4a4_linear(a, s_x, weights[0], None, out_dtype=torch.float32)
+    assert calls == [1] and _rel(y1, yr[:, :40]) < 1e-6
+
+
 def _orthogonal(n: int, gen: torch.Generator) -> torch.Tensor:
     q, _ = torch.linalg.qr(torch.randn(n, n, generator=gen, dtype=torch.float64))
     return q.float()

@@ -4,7 +4,7 @@
 layer; it is a pure function of the name so that it can be tested on CPU. Kernel names
 come from cuBLAS (`sm90_xmma_gemm_*`, `nvjet_*`), CUTLASS, PyTorch and our Triton kernels
 (`duquant.kernels`: rot1_scatter / rot2_stats / rot2_quant / transform_quant,
-expand_w4, int8_gemm, w4a8_decode + splitk_reduce, w4a8_gemv).
+expand_w4, int8_gemm, w4a8_decode, w4a8_gemv).
 """
 from __future__ import annotations
 
@@ -17,8 +17,8 @@ TRANSFORM, EXPAND, GEMM8, GEMM16, ATTENTION, DECODE, OTHER = (
     "online transform", "weight expansion", "8-bit GEMM", "BF16 GEMM", "attention", "decode GEMM", "other")
 CATEGORIES = (TRANSFORM, EXPAND, GEMM8, GEMM16, ATTENTION, DECODE, OTHER)
 
-# our packed-weight decode GEMMs (MMA kernel + its split-K reduction; dp4a GEMV, before "gemv" means BF16)
-_DECODE_WORDS = ("w4a8_decode", "splitk_reduce", "w4a8_gemv")
+# our packed-weight decode GEMMs (int8-MMA kernel; dp4a GEMV, before "gemv" means BF16)
+_DECODE_WORDS = ("w4a8_decode", "w4a8_gemv")
 _ATTENTION_WORDS = ("flash", "fmha", "sdpa", "attention", "attn", "softmax")
 _GEMM_WORDS = ("gemm", "gemv", "cutlass", "nvjet", "xmma", "wgmma", "cublas", "matmul", "scaled_mm", "splitkreduce")
 _TRANSFORM_WORDS = ("rot1_scatter", "rot2_stats", "rot2_quant", "transform", "quant")

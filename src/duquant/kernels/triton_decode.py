@@ -6,13 +6,16 @@ the packed bytes. Two kernels:
   and feeds `dp4a` (4 multiply-adds per instruction) for every token; split-K partial
   sums are scaled and added with fp32 atomics, and the last program of each row block
   writes the output. One launch, no padding of the tokens to an MMA tile.
-* `w4a8_decode` (M ≤ 64, the first design): at M ≤ 64 a linear layer is bound by reading
-  the weight, so the kernel is built around that stream: each program reads a
-  [BLOCK_N, BLOCK_K/2] tile of packed bytes with 16-byte loads along K, splits the
-  nibbles in registers, and feeds two int8 MMAs (low nibbles with the even activation
-  columns, high nibbles with the odd ones, so no interleave is needed). The tokens are the
-  small MMA dimension (padded to 16). Split-K gives every SM several programs even for
-  N = 576; partial sums then go through a small reduce kernel.
+* `w4a8_decode` (M ≤ 64; the decode default above ops.DECODE_GEMV_MAX_M): at M ≤ 64 a
+  linear layer is bound by reading the weight, so the kernel is built around that stream:
+  each program reads a [BLOCK_N, BLOCK_K/2] tile of packed bytes with 16-byte loads along
+  K, splits the nibbles four bytes per instruction, and feeds two int8 MMAs (low nibbles
+  with the even activation columns, high nibbles with the odd ones, so no interleave is
+  needed). The tokens are the small MMA dimension (padded to 16). Split-K gives every SM
+  several programs even for N = 576, and joins up to three weights in one launch
+  (`w4a8_decode_joined`), as the GEMV does. Session 14 (sm_90 SASS of the K loop, default
+  tile at M = 16): 6.95 → 3.69 instructions per packed byte with the nibbles split four
+  bytes at a time, and the separate split-K reduce kernel is gone.
 
 Zero point (both): Σ_k a·(q − z) = Σ_k a·q − z·Σ_k a, exact in int32.
 """
@@ -40,92 +43,90 @@ def _prefetch_l2(ptrs):
 
 
 @triton.jit
-def _decode_step(w_tile, a_tile, k0, k_hi, m_ok, rh, rk, acc, a_sum, BLOCK_M: tl.constexpr, HALF: tl.constexpr,
+def _nibbles(p):
+    """Packed bytes (uint8) -> their low and high nibbles as int8, four bytes per instruction (one
+    32-bit register holds four of them: `and` with 0x0F0F0F0F, and a shift first for the high ones).
+    Byte by byte the compiler extracts and re-packs every byte (~6 byte permutes per packed byte)."""
+    if _INTERPRET:
+        lo = (p & 0xF).to(tl.int8)
+        hi = (p >> 4).to(tl.int8)
+    else:
+        lo = tl.inline_asm_elementwise("and.b32 $0, $1, 0x0F0F0F0F;", "=r,r", [p], dtype=tl.int8, is_pure=True,
+                                       pack=4)
+        hi = tl.inline_asm_elementwise("{ .reg .b32 t; shr.b32 t, $1, 4; and.b32 $0, t, 0x0F0F0F0F; }", "=r,r",
+                                       [p], dtype=tl.int8, is_pure=True, pack=4)
+    return lo, hi
+
+
+@triton.jit
+def _decode_step(w_tile, a_tile, k0, K, rh, rk, acc, a_sum, BLOCK_M: tl.constexpr, HALF: tl.constexpr,
                  A_FP8: tl.constexpr, EVEN_K: tl.constexpr):
+    """One K tile of `w4a8_decode_kernel`: acc += a_even·lo(w)ᵀ + a_odd·hi(w)ᵀ on the int8 tensor cores."""
     if EVEN_K:
         p = tl.load(w_tile + k0 // 2)
-        a = tl.load(a_tile + k0, mask=m_ok[:, None], other=0.0)
+        a = tl.load(a_tile + k0)
     else:
-        p = tl.load(w_tile + k0 // 2, mask=((k0 + 2 * rh) < k_hi)[None, :], other=0)
-        a = tl.load(a_tile + k0, mask=m_ok[:, None] & ((k0 + rk) < k_hi)[None, :], other=0.0)
+        p = tl.load(w_tile + k0 // 2, mask=((k0 + 2 * rh) < K)[None, :], other=0)
+        a = tl.load(a_tile + k0, mask=((k0 + rk) < K)[None, :], other=0.0)
     if A_FP8:
         a = a.to(tl.float32).to(tl.int8)
     ae, ao = tl.split(tl.reshape(a, [BLOCK_M, HALF, 2]))
-    lo = (p & 0xF).to(tl.int8)
-    hi = (p >> 4).to(tl.int8)
+    lo, hi = _nibbles(p)
     acc = tl.dot(ae, tl.trans(lo), acc, out_dtype=tl.int32)
     acc = tl.dot(ao, tl.trans(hi), acc, out_dtype=tl.int32)
     a_sum += tl.sum(a.to(tl.int32), axis=1)
     return acc, a_sum
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["split_k", "tiles_per_split", "N", "N1", "N2", "T1", "T2"])
 def w4a8_decode_kernel(
-    a_ptr, w_ptr, sx_ptr, sw_ptr, zw_ptr, bias_ptr, out_ptr, ws_ptr,
-    M, N, K, stride_am, stride_wn, stride_om, k_per_split,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
-    HAS_BIAS: tl.constexpr, A_FP8: tl.constexpr, EVEN_K: tl.constexpr,
+    a_ptr, w_ptr, w2_ptr, w3_ptr, sx_ptr, sw_ptr, zw_ptr, bias_ptr, out_ptr, ws_ptr, cnt_ptr,
+    M, N, N1, N2, T1, T2, K, stride_am, stride_wn, stride_om, split_k, tiles_per_split,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, NUM_STAGES: tl.constexpr,
+    HAS_BIAS: tl.constexpr, A_FP8: tl.constexpr, EVEN_K: tl.constexpr, SEGMENTS: tl.constexpr,
 ):
-    """v2: the packed weight tile is [BLOCK_N, BLOCK_K/2] bytes, contiguous along K (16-byte
-    vector loads, BLOCK_K/2 ≥ 128 bytes per row); the activations are one contiguous
-    [BLOCK_M, BLOCK_K] load split into even/odd columns in registers (v1 loaded them with
-    stride 2, one byte at a time)."""
+    """Program (pid_n, pid_k): BLOCK_N weight rows × `tiles_per_split` tiles of BLOCK_K along K.
+
+    The packed weight tile is [BLOCK_N, BLOCK_K/2] bytes, contiguous along K (16-byte loads, cp.async
+    pipelined NUM_STAGES deep); its low and high nibbles (`_nibbles`, four bytes per instruction)
+    meet the even and odd activation columns in two int8 MMAs, so no interleave is needed. The
+    tokens are the MMA's M dimension (padded to 16 rows). Split-K partial sums, the segments of
+    joined weights (q/k/v, gate/up: SEGMENTS > 1) and the output go as in the GEMV (`_segment`,
+    `_write_output`): one launch, no reduce kernel."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     HALF: tl.constexpr = BLOCK_K // 2
+    w_base, row0, col0, rows_here = _segment(pid_n, w_ptr, w2_ptr, w3_ptr, N, N1, N2, T1, T2, BLOCK_N, SEGMENTS)
     rm = tl.arange(0, BLOCK_M)
-    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    r_local = row0 + tl.arange(0, BLOCK_N)
+    rn = col0 + r_local  # output column
     rh = tl.arange(0, HALF)
     rk = tl.arange(0, BLOCK_K)
     m_ok = rm < M
-    n_ok = rn < N
-    rn_safe = tl.where(n_ok, rn, 0)  # clamp rows instead of masking: unmasked 16-byte loads
+    n_ok = r_local < rows_here
+    # clamp rows and tokens instead of masking them (unmasked 16-byte loads): never stored
+    rm_safe = tl.where(m_ok, rm, 0)
+    rn_safe = tl.where(n_ok, r_local, 0)
+    w_tile = w_base + rn_safe[:, None].to(tl.int64) * stride_wn + rh[None, :]  # [BLOCK_N, HALF]
+    a_tile = a_ptr + rm_safe[:, None] * stride_am + rk[None, :]  # [BLOCK_M, BLOCK_K]
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.int32)
     a_sum = tl.zeros([BLOCK_M], dtype=tl.int32)
-    k_lo = pid_k * k_per_split
-    k_hi = tl.minimum(k_lo + k_per_split, K)
-    # this split's own tile count (the last split may be shorter: run 2 read past k_hi there)
-    iters = (k_hi - k_lo + BLOCK_K - 1) // BLOCK_K
-    w_tile = w_ptr + rn_safe[:, None].to(tl.int64) * stride_wn + rh[None, :]  # [BLOCK_N, HALF]
-    a_tile = a_ptr + rm[:, None] * stride_am + rk[None, :]  # [BLOCK_M, BLOCK_K]
+    t_lo = pid_k * tiles_per_split
+    t_hi = tl.minimum(t_lo + tiles_per_split, tl.cdiv(K, BLOCK_K))
     if _INTERPRET:  # Triton 3.6's interpreter cannot run `range` over a runtime bound
-        i = 0
-        while i < iters:
-            acc, a_sum = _decode_step(w_tile, a_tile, k_lo + i * BLOCK_K, k_hi, m_ok, rh, rk, acc, a_sum,
-                                      BLOCK_M, HALF, A_FP8, EVEN_K)
-            i += 1
+        t = t_lo
+        while t < t_hi:
+            acc, a_sum = _decode_step(w_tile, a_tile, t * BLOCK_K, K, rh, rk, acc, a_sum, BLOCK_M, HALF, A_FP8, EVEN_K)
+            t += 1
     else:
-        for i in range(0, iters):
-            acc, a_sum = _decode_step(w_tile, a_tile, k_lo + i * BLOCK_K, k_hi, m_ok, rh, rk, acc, a_sum,
-                                      BLOCK_M, HALF, A_FP8, EVEN_K)
+        for t in tl.range(t_lo, t_hi, num_stages=NUM_STAGES):
+            acc, a_sum = _decode_step(w_tile, a_tile, t * BLOCK_K, K, rh, rk, acc, a_sum, BLOCK_M, HALF, A_FP8, EVEN_K)
     zw = tl.load(zw_ptr + rn, mask=n_ok, other=0.0)
+    sw = tl.load(sw_ptr + rn, mask=n_ok, other=0.0)
+    sx = tl.load(sx_ptr + rm, mask=m_ok, other=0.0)
     val = acc.to(tl.float32) - a_sum.to(tl.float32)[:, None] * zw[None, :]  # exact integers
-    mask_o = m_ok[:, None] & n_ok[None, :]
-    if SPLIT_K == 1:
-        sx = tl.load(sx_ptr + rm, mask=m_ok, other=0.0)
-        sw = tl.load(sw_ptr + rn, mask=n_ok, other=0.0)
-        y = val * sx[:, None] * sw[None, :]
-        if HAS_BIAS:
-            y += tl.load(bias_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-        tl.store(out_ptr + rm[:, None] * stride_om + rn[None, :], y.to(out_ptr.dtype.element_ty), mask=mask_o)
-    else:
-        tl.store(ws_ptr + (pid_k * M + rm[:, None]) * N + rn[None, :], val, mask=mask_o)
-
-
-@triton.jit
-def splitk_reduce_kernel(ws_ptr, sx_ptr, sw_ptr, bias_ptr, out_ptr, M, N, stride_om,
-                         SPLIT_K: tl.constexpr, BLOCK: tl.constexpr, HAS_BIAS: tl.constexpr):
-    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    ok = offs < M * N
-    val = tl.zeros([BLOCK], dtype=tl.float32)
-    for s in tl.static_range(SPLIT_K):
-        val += tl.load(ws_ptr + s * M * N + offs, mask=ok, other=0.0)
-    m = offs // N
-    n = offs % N
-    y = val * tl.load(sx_ptr + m, mask=ok, other=0.0) * tl.load(sw_ptr + n, mask=ok, other=0.0)
-    if HAS_BIAS:
-        y += tl.load(bias_ptr + n, mask=ok, other=0.0).to(tl.float32)
-    tl.store(out_ptr + m * stride_om + n, y.to(out_ptr.dtype.element_ty), mask=ok)
+    _write_output(val * sx[:, None] * sw[None, :], rm, rn, m_ok, n_ok, pid_n, bias_ptr, out_ptr, ws_ptr, cnt_ptr,
+                  N, stride_om, split_k, HAS_BIAS, BLOCK_M, BLOCK_N)
 
 
 def _num_sms(device: torch.device) -> int:
@@ -134,57 +135,65 @@ def _num_sms(device: torch.device) -> int:
 
 def decode_config(m: int, n: int, k: int, num_sms: int, block_n: int = 64, block_k: int = 512,
                   waves: int = 4, num_warps: int = 4, num_stages: int = 3) -> dict[str, int]:
-    """Tile sizes and split-K: enough programs (≥ `waves` per SM) that the weight stream
-    saturates HBM. Defaults from the H100 sweep in results/kernels (bench --level kernel)."""
-    while block_k > 64 and k % block_k:
-        block_k //= 2
+    """Tiles and split-K for `w4a8_decode`: ≥ `waves` programs per SM where K allows it, each
+    split a whole number of tiles. Defaults from the H100 sweeps (bench --level kernel)."""
+    block_k = max(64, min(block_k, triton.next_power_of_2(k)))
     n_tiles = triton.cdiv(n, block_n)
     k_tiles = triton.cdiv(k, block_k)
-    split_k = 1
-    while n_tiles * split_k < waves * num_sms and split_k * 2 <= min(32, k_tiles):
-        split_k *= 2
+    split = max(1, min(k_tiles, triton.cdiv(waves * num_sms, n_tiles)))
+    tiles_per_split = triton.cdiv(k_tiles, split)
     return {"BLOCK_M": max(16, triton.next_power_of_2(m)), "BLOCK_N": block_n, "BLOCK_K": block_k,
-            "SPLIT_K": split_k, "num_warps": num_warps, "num_stages": num_stages}
+            "NUM_STAGES": num_stages, "num_warps": num_warps,
+            "split_k": triton.cdiv(k_tiles, tiles_per_split), "tiles_per_split": tiles_per_split}
 
 
-_WS: dict[torch.device, torch.Tensor] = {}
+DECODE_MAX_M = 64  # largest token count `w4a8_decode` takes
 
 
-def _workspace(numel: int, device: torch.device) -> torch.Tensor:
-    buf = _WS.get(device)
-    if buf is None or buf.numel() < numel:
-        buf = torch.empty(numel, dtype=torch.float32, device=device)
-        _WS[device] = buf
-    return buf
+def joined_decode_supported(m: int, k: int, packed: list[torch.Tensor]) -> bool:
+    """`w4a8_decode_joined` takes 1–3 packed weights with equal K and row stride, contiguous rows."""
+    return 1 <= m <= DECODE_MAX_M and 1 <= len(packed) <= 3 and all(
+        p.stride(-1) == 1 and p.shape[1] == packed[0].shape[1] and p.stride(0) == packed[0].stride(0)
+        and p.shape[1] * 2 >= k for p in packed)
 
 
 def w4a8_decode(a: torch.Tensor, s_x: torch.Tensor, packed: torch.Tensor, w_scale: torch.Tensor,
                 w_zero: torch.Tensor, bias: torch.Tensor | None = None, out_dtype: torch.dtype = torch.bfloat16,
                 config: dict[str, int] | None = None, **tune: int) -> torch.Tensor:
-    """a int8/e4m3 [M, K] (M ≤ 64), packed uint8 [N, K/2] -> y [M, N] out_dtype."""
+    """a int8/e4m3 [M, K] (M ≤ 64), packed uint8 [N, K/2] -> y [M, N] out_dtype.
+    tune: block_n, block_k, waves, num_warps, num_stages (see `decode_config`)."""
+    return w4a8_decode_joined(a, s_x, [packed], w_scale, w_zero, bias, out_dtype, config, **tune)
+
+
+def w4a8_decode_joined(a: torch.Tensor, s_x: torch.Tensor, packed: list[torch.Tensor], w_scale: torch.Tensor,
+                       w_zero: torch.Tensor, bias: torch.Tensor | None = None, out_dtype: torch.dtype = torch.bfloat16,
+                       config: dict[str, int] | None = None, **tune: int) -> torch.Tensor:
+    """`w4a8_decode` of one activation by up to three weights (q/k/v, gate/up) in one launch:
+    y [M, ΣN_i], as `w4a8_gemv_joined` (scale, zero point and bias over the stacked rows)."""
     m, k = a.shape
-    n = packed.shape[0]
-    if m > 64:
-        raise ValueError(f"the decode kernel takes at most 64 tokens, got {m}")
+    if not joined_decode_supported(m, k, packed):
+        raise ValueError(f"the decode kernel joins 1 to 3 weights of one layout and takes at most {DECODE_MAX_M} "
+                         f"tokens (M={m}, K={k}, weights {[tuple(q.shape) for q in packed]})")
     if a.stride(-1) != 1:
         a = a.contiguous()
+    rows = [p.shape[0] for p in packed]
+    n = sum(rows)
     cfg = dict(config or decode_config(m, n, k, _num_sms(a.device), **tune))
-    split_k = cfg["SPLIT_K"]
-    k_per_split = triton.cdiv(triton.cdiv(k, split_k), cfg["BLOCK_K"]) * cfg["BLOCK_K"]
+    split_k, tiles_per_split = cfg.pop("split_k"), cfg.pop("tiles_per_split")  # runtime: no recompiles
     out = torch.empty((m, n), dtype=out_dtype, device=a.device)
-    ws = _workspace(split_k * m * n, a.device) if split_k > 1 else out
+    tiles = [triton.cdiv(r, cfg["BLOCK_N"]) for r in rows]  # a row block never straddles two weights
+    n_tiles = sum(tiles)
+    ws, cnt = _gemv_workspace(m * n if split_k > 1 else 1, n_tiles if split_k > 1 else 1, a.device)
+    ws_packed = packed + [packed[0]] * (3 - len(packed))
+    n1, n2 = rows[0], rows[1] if len(rows) > 1 else 0
+    t1, t2 = tiles[0], tiles[0] + (tiles[1] if len(tiles) > 1 else 0)
     has_bias = bias is not None
-    w4a8_decode_kernel[(triton.cdiv(n, cfg["BLOCK_N"]), split_k)](
-        a, packed, s_x, w_scale, w_zero, bias if has_bias else out, out, ws,
-        m, n, k, a.stride(0), packed.stride(0), out.stride(0), k_per_split,
-        HAS_BIAS=has_bias, A_FP8=a.dtype == torch.float8_e4m3fn, EVEN_K=k % cfg["BLOCK_K"] == 0, **cfg,
+    w4a8_decode_kernel[(n_tiles, split_k)](
+        a, *ws_packed, s_x, w_scale, w_zero, bias if has_bias else out, out, ws, cnt,
+        m, n, n1, n2, t1, t2, k, a.stride(0), packed[0].stride(0), out.stride(0), split_k, tiles_per_split,
+        HAS_BIAS=has_bias, A_FP8=a.dtype == torch.float8_e4m3fn, EVEN_K=k % cfg["BLOCK_K"] == 0,
+        SEGMENTS=len(packed), **cfg,
     )
-    if split_k > 1:
-        block = 1024
-        splitk_reduce_kernel[(triton.cdiv(m * n, block),)](
-            ws, s_x, w_scale, w_zero if not has_bias else bias, out, m, n, out.stride(0),
-            SPLIT_K=split_k, BLOCK=block, HAS_BIAS=has_bias, num_warps=4,
-        )
     return out
 
 
@@ -405,24 +414,7 @@ def gemv_program(
     rm = tl.arange(0, BLOCK_M)
     rw = tl.arange(0, WT)
     ra = tl.arange(0, 2 * WT)
-    # this row block's weight tensor, its first row there and the stacked column of that row
-    w_base = w_ptr
-    row0 = pid_n * BLOCK_N
-    col0 = pid_n * 0  # a runtime int like the values the branches assign
-    rows_here = N
-    if SEGMENTS > 1:
-        rows_here = N1
-        if pid_n >= T1:
-            w_base = w2_ptr
-            row0 = (pid_n - T1) * BLOCK_N
-            col0 = N1
-            rows_here = N2
-            if SEGMENTS > 2:
-                if pid_n >= T2:
-                    w_base = w3_ptr
-                    row0 = (pid_n - T2) * BLOCK_N
-                    col0 = N1 + N2
-                    rows_here = N - N1 - N2
+    w_base, row0, col0, rows_here = _segment(pid_n, w_ptr, w2_ptr, w3_ptr, N, N1, N2, T1, T2, BLOCK_N, SEGMENTS)
     r_local = row0 + tl.arange(0, BLOCK_N)
     rn = col0 + r_local  # output column
     m_ok = rm < M
@@ -478,7 +470,44 @@ def gemv_program(
     sw = tl.load(sw_ptr + rn, mask=n_ok, other=0.0)
     sx = tl.load(sx_ptr + rm, mask=m_ok, other=0.0, cache_modifier=CACHE)
     val = dot.to(tl.float32) - a_tot.to(tl.float32)[:, None] * zw[None, :]  # exact integers (< 2^24)
-    part = val * sx[:, None] * sw[None, :]
+    _write_output(val * sx[:, None] * sw[None, :], rm, rn, m_ok, n_ok, pid_n, bias_ptr, out_ptr, ws_ptr, cnt_ptr,
+                  N, stride_om, split_k, HAS_BIAS, BLOCK_M, BLOCK_N)
+
+
+@triton.jit
+def _segment(pid_n, w_ptr, w2_ptr, w3_ptr, N, N1, N2, T1, T2, BLOCK_N: tl.constexpr, SEGMENTS: tl.constexpr):
+    """Row block pid_n of up to three stacked weights (rows [0, N1) of w_ptr, [N1, N1 + N2) of
+    w2_ptr, the rest of w3_ptr; the first T1 row blocks are w_ptr's, the next T2 − T1 w2_ptr's):
+    its weight tensor, its first row there, the stacked output column of that row, and the rows
+    that tensor has."""
+    w_base = w_ptr
+    row0 = pid_n * BLOCK_N
+    col0 = pid_n * 0  # a runtime int like the values the branches assign
+    rows_here = N
+    if SEGMENTS > 1:
+        rows_here = N1
+        if pid_n >= T1:
+            w_base = w2_ptr
+            row0 = (pid_n - T1) * BLOCK_N
+            col0 = N1
+            rows_here = N2
+            if SEGMENTS > 2:
+                if pid_n >= T2:
+                    w_base = w3_ptr
+                    row0 = (pid_n - T2) * BLOCK_N
+                    col0 = N1 + N2
+                    rows_here = N - N1 - N2
+    return w_base, row0, col0, rows_here
+
+
+@triton.jit
+def _write_output(part, rm, rn, m_ok, n_ok, pid_n, bias_ptr, out_ptr, ws_ptr, cnt_ptr, N, stride_om, split_k,
+                  HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """y[rm, rn] from this program's scaled partial sum `part` [BLOCK_M, BLOCK_N]. One split: part
+    (+ bias) is the output. Split-K without a second launch: every program adds its part to the
+    fp32 workspace with atomics and bumps its row block's arrival counter; the last to arrive
+    reads the sums back while zeroing them (atomic exchange), adds the bias once, writes y and
+    resets the counter. Workspace and counters are zero on entry and on exit."""
     mask_o = m_ok[:, None] & n_ok[None, :]
     out_ptrs = out_ptr + rm[:, None] * stride_om + rn[None, :]
     if split_k == 1:

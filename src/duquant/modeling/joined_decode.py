@@ -4,8 +4,9 @@ At decode a W4A4 linear is one short GEMV over the packed weight, and on an H100
 4096×4096 one is launch-bound (7 µs against a 2.8 µs bytes floor; results/kernels/NOTES.md).
 Siblings that read one activation through one transform (they share `transform_id`) already
 share its quantized codes (`RealQuantLinear`'s input memo); a `JoinedDecode` also runs their
-GEMVs as one launch over the stacked rows (`ops.w4a4_linear_joined`) and hands each sibling
-its block of columns. The weights stay separate tensors (nothing is copied, so the model's
+GEMVs as one launch over the stacked rows (`ops.w4a4_linear_joined`: the dp4a GEMV up to
+ops.DECODE_GEMV_MAX_M tokens, the int8-MMA decode kernel up to ops.DECODE_MAX_M) and hands
+each sibling its block of columns. The weights stay separate tensors (nothing is copied, so the model's
 memory is unchanged); only their per-channel scale, zero point and bias are concatenated.
 
 The first sibling called computes the whole output; the others find it in a one-entry memo
@@ -44,7 +45,7 @@ class JoinedDecode:
     def applies(self, x: torch.Tensor) -> bool:
         """A decode call on the kernels (few tokens). Whether the weights' layout suits the one
         launch is `ops.w4a4_linear_joined`'s to decide: otherwise it runs them one by one."""
-        return x.numel() <= ops.DECODE_GEMV_MAX_M * x.shape[-1] and ops.use_triton(x)
+        return x.numel() <= ops.DECODE_MAX_M * x.shape[-1] and ops.use_triton(x)
 
     def _stacked_vectors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """Concatenated scale, zero point and bias (None when no member has one), rebuilt when a
