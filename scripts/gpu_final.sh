@@ -11,6 +11,8 @@
 #   quantize  duquant bench --level quantize (DuQuant on the LLaMA-2-7B-shaped model, 8 sequences per forward)
 #   mma       (after the int8-MMA decode kernel became one launch with joined weights) its GPU tests, the decode
 #             linear groups at M = 1/4/8/12/16 as the model runs them, and the kernel bench at M = 4/8/16
+#   mma-tiles (after its default tile changed) its tests, and the decode linear groups at M = 4/6/8/16 as the model
+#             runs them with the dp4a GEMV up to 8 tokens (then MMA) and up to 4 (DUQUANT_GEMV_MAX_M)
 #   mma-model the layer and e2e decode benches at batch 1/4/8/16 with it
 # Results land in $OUT as JSON + markdown + logs; results/bench_h100/session14/ keeps them.
 set -uo pipefail
@@ -61,6 +63,16 @@ case "${1:-}" in
     timeout 150 "${bench[@]}" --level kernel --ms 4 8 16 --out-json "$OUT/kernel_decode_mma.json" \
       --out-md "$OUT/kernel_decode_mma.md" > "$OUT/kernel_decode_mma.log" 2>&1; head -16 "$OUT/kernel_decode_mma.md"
     ;;
+  mma-tiles)  # after the default tile changed (64 × 256, 4 stages; BLOCK_K divides K): tests, where GEMV and MMA cross
+    timeout 200 python3 -m pytest -q -p no:cacheprovider -rf --tb=short tests/test_kernels_gpu.py \
+      -k "decode_gemm or ops_end_to_end" > "$OUT/pytest_mma_tiles.log" 2>&1
+    echo "pytest rc=$?"; grep -E "passed|failed|^FAILED|^E  " "$OUT/pytest_mma_tiles.log" | head -20
+    for g in 8 4; do  # the model's dispatch with the dp4a GEMV up to 8 tokens, and up to 4
+      DUQUANT_GEMV_MAX_M=$g timeout 120 python3 scripts/decode_kernels.py --chains --no-one-launch --ms 4 6 8 16 \
+        --out-json "$OUT/decode_chains_gemv$g.json" --out-md "$OUT/decode_chains_gemv$g.md" > "$OUT/decode_chains_gemv$g.log" 2>&1
+      cut -d'|' -f2,3,4,5,13,14 "$OUT/decode_chains_gemv$g.md"
+    done
+    ;;
   mma-model)  # decode steps with it: one layer and the 32-layer model
     timeout 200 "${bench[@]}" --level layer --variants bf16 w4a4_fused --batches --decode-batches 1 4 8 16 \
       --no-profile --out-json "$OUT/layer_decode_mma.json" --out-md "$OUT/layer_decode_mma.md" > "$OUT/layer_decode_mma.log" 2>&1
@@ -70,6 +82,6 @@ case "${1:-}" in
     grep -E "^\| decode" "$OUT/e2e_decode_mma.md"; tail -2 "$OUT/e2e_decode_mma.log"
     ;;
   *)
-    echo "usage: OUT=\$OUT bash scripts/gpu_final.sh {decode|prefill|layer|e2e|quantize|mma|mma-model}"; exit 2
+    echo "usage: OUT=\$OUT bash scripts/gpu_final.sh {decode|prefill|layer|e2e|quantize|mma|mma-tiles|mma-model}"; exit 2
     ;;
 esac

@@ -27,7 +27,7 @@ DECODE_MAX_M = 16
 # 16.3 / 11.7, 30.1 / 21.3, 29.0 / 20.1 (4096², 11008×4096, 4096×11008). The GEMV's dp4a work
 # grows with M, the MMA kernel is flat: the crossover lies between 4 and 16 (M = 8 interpolates
 # to ~10.6 / 11.7 µs at 4096², not measured), so 8.
-DECODE_GEMV_MAX_M = 8
+DECODE_GEMV_MAX_M = int(os.environ.get("DUQUANT_GEMV_MAX_M", "8"))
 # v1 of the fused Hadamard kernel failed parity on H100; v2 (the three-launch pipeline of
 # triton_transform) replaced it. DUQUANT_HADAMARD_KERNEL=0 sends hadamard_quantize to the
 # reference on every device.

@@ -133,10 +133,16 @@ def _num_sms(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
 
 
-def decode_config(m: int, n: int, k: int, num_sms: int, block_n: int = 64, block_k: int = 512,
-                  waves: int = 4, num_warps: int = 4, num_stages: int = 3) -> dict[str, int]:
+def decode_config(m: int, n: int, k: int, num_sms: int, block_n: int = 64, block_k: int = 256,
+                  waves: int = 4, num_warps: int = 4, num_stages: int = 4) -> dict[str, int]:
     """Tiles and split-K for `w4a8_decode`: ≥ `waves` programs per SM where K allows it, each
-    split a whole number of tiles. Defaults from the H100 sweeps (bench --level kernel)."""
+    split a whole number of tiles. BLOCK_K is halved until it divides K where it can: a masked
+    last tile masks every tile's loads, which then go byte by byte (K = 11008 with 512: 54 µs
+    against 17 with 256). Defaults: the H100 sweep of session 14 (results/bench_h100/session14/
+    kernel_decode_mma.md), where 64 × 256 on 4 warps, 4 stages was within 0-7% of the best tile
+    at M = 8 and 16 on the three 7B shapes (4096²: 9.7-10.0 µs, 11008×4096: 18.7, 4096×11008: 17.3)."""
+    while block_k > 64 and k % block_k:
+        block_k //= 2
     block_k = max(64, min(block_k, triton.next_power_of_2(k)))
     n_tiles = triton.cdiv(n, block_n)
     k_tiles = triton.cdiv(k, block_k)
