@@ -16,9 +16,9 @@ weights cycled through more copies than L2 holds):
    its default warps, the other choice (4 or 8), and with half the GEMV's default programs
    (`gemv_config` waves = 2: a program holds more registers than the GEMV alone). The column
    "as the model runs it" is the transform followed by `ops.w4a4_linear_joined`, whose dispatch
-   the model uses: the joined GEMV up to ops.DECODE_GEMV_MAX_M tokens, above it one int8-MMA
-   decode launch per weight (`w4a8_decode`); the other two-launch columns always run the joined
-   GEMV. --no-one-launch skips the one-launch columns.
+   the model uses: the joined dp4a GEMV up to ops.DECODE_GEMV_MAX_M tokens, above it the joined
+   int8-MMA decode kernel (`w4a8_decode_joined`); the other two-launch columns always run the
+   joined GEMV. --no-one-launch skips the one-launch columns.
 
     PYTHONPATH=src python scripts/decode_kernels.py --out-json decode_kernels.json --out-md decode_kernels.md
 """

@@ -22,12 +22,13 @@ from duquant.quant.quantizer import MIN_SCALE, QuantSpec, fake_quantize
 # slower than BF16 already at M = 16 (results/kernels/NOTES.md), so keep it small.
 DECODE_MAX_M = 16
 # Up to this M the decode path is the dp4a GEMV (triton_decode.w4a8_gemv, kernel limit 16);
-# above it, the int8-MMA decode kernel. H100, best configs (results/kernels/session5/
-# kernel_decode.json, µs, GEMV / MMA): M = 4: 7.7 / 11.7, 13.9 / 21.0, 13.1 / 19.2; M = 16:
-# 16.3 / 11.7, 30.1 / 21.3, 29.0 / 20.1 (4096², 11008×4096, 4096×11008). The GEMV's dp4a work
-# grows with M, the MMA kernel is flat: the crossover lies between 4 and 16 (M = 8 interpolates
-# to ~10.6 / 11.7 µs at 4096², not measured), so 8.
-DECODE_GEMV_MAX_M = int(os.environ.get("DUQUANT_GEMV_MAX_M", "8"))
+# above it, the int8-MMA decode kernel (triton_decode.w4a8_decode). The GEMV's dp4a work grows
+# with M, the MMA kernel is flat. H100, each decode linear group with its transform as the model
+# runs it (results/bench_h100/session14/decode_chains_gemv{8,4}.md, CUDA-graph µs, GEMV up to 8
+# / up to 4 tokens): at M = 6 q/k/v 27.9 / 25.6, o 16.9 / 15.0, gate/up 36.2 / 38.0, down 30.3 /
+# 29.1 (a layer's four: 111.3 / 107.7); at M = 8 110.8 / 106.5; at M = 4 the GEMV (session 14
+# kernel bench: 4096² 7.8 against the MMA kernel's 9.7 µs). So 4; DUQUANT_GEMV_MAX_M overrides.
+DECODE_GEMV_MAX_M = int(os.environ.get("DUQUANT_GEMV_MAX_M", "4"))
 # v1 of the fused Hadamard kernel failed parity on H100; v2 (the three-launch pipeline of
 # triton_transform) replaced it. DUQUANT_HADAMARD_KERNEL=0 sends hadamard_quantize to the
 # reference on every device.
