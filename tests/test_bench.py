@@ -46,7 +46,6 @@ def tiny_llama(layers: int = 1):
     ("transform_quant_kernel", bd.TRANSFORM),
     ("expand_w4_kernel", bd.EXPAND),
     ("w4a8_decode_kernel", bd.DECODE),
-    ("splitk_reduce_kernel", bd.DECODE),
     ("w4a8_gemv_kernel", bd.DECODE),
     ("flash_fwd_kernel", bd.ATTENTION),
     ("void pytorch_flash::flash_fwd_kernel<Flash_fwd_kernel_traits<128, 128, 64, 4, false, false, cutlass::bfloat16_t>"
