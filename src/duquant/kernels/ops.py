@@ -18,8 +18,10 @@ from duquant.kernels.norm import InputNorm, check_one_fused_op, rms_norm_ref, sw
 from duquant.kernels.weight import PackedWeight
 from duquant.quant.quantizer import MIN_SCALE, QuantSpec, fake_quantize
 
-# Largest token count served by the packed-weight decode kernels. Its first version is
-# slower than BF16 already at M = 16 (results/kernels/NOTES.md), so keep it small.
+# Largest token count served by the packed-weight decode kernels; above it the 8-bit prefill
+# GEMM runs. Their cost is nearly flat up to 16 tokens (session 14: the MMA kernel takes 4096²
+# in ~10 µs at M = 8 and 16, results/bench_h100/session14/kernel_decode_mma.md); M = 17–64 there
+# is not measured, so the bound stays at 16.
 DECODE_MAX_M = 16
 # Up to this M the decode path is the dp4a GEMV (triton_decode.w4a8_gemv, kernel limit 16);
 # above it, the int8-MMA decode kernel (triton_decode.w4a8_decode). The GEMV's dp4a work grows

@@ -1,7 +1,7 @@
 """Decode GEMM (few tokens): int8 activations × packed 4-bit weights, read straight from
 the packed bytes. Two kernels:
 
-* `w4a8_gemv` (M ≤ 16; the decode default up to ops.DECODE_GEMV_MAX_M = 8): CUDA-core
+* `w4a8_gemv` (M ≤ 16; the decode default up to ops.DECODE_GEMV_MAX_M = 4): CUDA-core
   GEMV. Each packed int32 word (8 codes) becomes two int8x4 operands with two logic ops
   and feeds `dp4a` (4 multiply-adds per instruction) for every token; split-K partial
   sums are scaled and added with fp32 atomics, and the last program of each row block
@@ -564,8 +564,8 @@ def gemv_config(m: int, n: int, k: int, num_sms: int, block_n: int | None = None
             "split_k": triton.cdiv(k_tiles, tiles_per_split), "tiles_per_split": tiles_per_split}
 
 
-# Split-K workspace of the GEMV: fp32 sums and per-row-block arrival counters, zeroed once
-# and left zeroed by every call. One per device: calls must not overlap (one stream, as in
+# Split-K workspace of the GEMV and of the MMA decode kernel (`_write_output`): fp32 sums and
+# per-row-block arrival counters, zeroed once and left zeroed by every call. One per device: calls must not overlap (one stream, as in
 # decoding). Call once before CUDA-graph capture: a workspace first needed during capture
 # is a fresh zeroed one for that call (a memset node in the graph), not kept.
 _GEMV_WS: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
