@@ -18,7 +18,8 @@ weights cycled through more copies than L2 holds):
    "as the model runs it" is the transform followed by `ops.w4a4_linear_joined`, whose dispatch
    the model uses: the joined dp4a GEMV up to ops.DECODE_GEMV_MAX_M tokens, above it the joined
    int8-MMA decode kernel (`w4a8_decode_joined`); the other two-launch columns always run the
-   joined GEMV. --no-one-launch skips the one-launch columns.
+   joined GEMV (those columns are blank above its 16 tokens). --no-one-launch skips the one-launch
+   columns.
 
     PYTHONPATH=src python scripts/decode_kernels.py --out-json decode_kernels.json --out-md decode_kernels.md
 """
@@ -33,7 +34,7 @@ from duquant.bench.output import report
 from duquant.kernels import ops
 from duquant.kernels import reference as ref
 from duquant.kernels.norm import InputNorm
-from duquant.kernels.triton_decode import w4a8_gemv, w4a8_gemv_joined
+from duquant.kernels.triton_decode import GEMV_MAX_M, w4a8_gemv, w4a8_gemv_joined
 from duquant.kernels.triton_fused_decode import default_warps, transform_gemv
 from duquant.kernels.triton_row_transform import duquant_quantize_rows
 from duquant.kernels.triton_transform import duquant_quantize
@@ -156,21 +157,27 @@ def _chain_rows(ms: list[int], one_launch_columns: bool = True) -> tuple[list[di
             def one_launch(packed, **tune):
                 return transform_gemv(x, r1, perm, r2, None, packed, scale, zero, norm=norm, up=up, **tune)
 
-            a, s, y = chain(w4[0], True, codes=True)  # a wrong chain must not look fast
+            gemv = m <= GEMV_MAX_M  # the joined-GEMV columns (and one launch) exist up to its limit
+            if gemv:
+                a, s, y = chain(w4[0], True, codes=True)  # a wrong chain must not look fast
+            else:
+                a, s = ops.transform_quantize(x, r1, perm, r2, None, out_dtype=torch.int8, norm=norm, up=up)
             y_ref = torch.cat([ref.w4a4_linear_ref(a, s, p) for p in base], dim=1).float()
-            err = float((y.float() - y_ref).norm() / y_ref.norm())
+            err = float((y.float() - y_ref).norm() / y_ref.norm()) if gemv else None
             y_model = as_the_model(base).float()
             err_model = float((y_model - y_ref).norm() / y_ref.norm())
-            err_one = float((one_launch(w4[0]).float() - y_ref).norm() / y_ref.norm()) if one_launch_columns else None
+            one_launch_columns_here = one_launch_columns and gemv
+            err_one = float((one_launch(w4[0]).float() - y_ref).norm() / y_ref.norm()) if one_launch_columns_here else None
             warps = default_warps(k, 128, m)
             other = 8 if warps == 4 else 4
             t_bf16 = _graph_bench([lambda ws=ws, w=w: x @ w.T for ws in bf16 for w in ws]) * len(ns)
-            t_plain = _graph_bench([lambda p=p: chain(p, False) for p in w4])
-            t_pdl = _graph_bench([lambda p=p: chain(p, True) for p in w4])
-            t_hot = _graph_bench([lambda w=w4[0]: chain(w, False)] * 8)  # one weight: L2-resident after the first call
+            t_plain = t_pdl = t_hot = t_one = t_other = t_waves = float("nan")
+            if gemv:
+                t_plain = _graph_bench([lambda p=p: chain(p, False) for p in w4])
+                t_pdl = _graph_bench([lambda p=p: chain(p, True) for p in w4])
+                t_hot = _graph_bench([lambda w=w4[0]: chain(w, False)] * 8)  # one weight: L2-resident after the first call
             t_model = _graph_bench([lambda ws=ws: as_the_model(ws) for ws in weights])
-            t_one = t_other = t_waves = float("nan")
-            if one_launch_columns:
+            if one_launch_columns_here:
                 t_one = _graph_bench([lambda p=p: one_launch(p) for p in w4])
                 t_other = _graph_bench([lambda p=p: one_launch(p, warps=other) for p in w4])
                 t_waves = _graph_bench([lambda p=p: one_launch(p, waves=2) for p in w4])
@@ -183,7 +190,7 @@ def _chain_rows(ms: list[int], one_launch_columns: bool = True) -> tuple[list[di
                   f"| {name} | {m} | {t_bf16:.1f} | {t_plain:.1f} | {t_pdl:.1f} | {t_hot:.1f} | {t_one:.1f} | "
                   f"{t_other:.1f} ({other} warps) | {t_waves:.1f} | {t_bf16 / t_plain:.2f}× | **{t_bf16 / t_one:.2f}×** | "
                   f"{t_model:.1f} | **{t_bf16 / t_model:.2f}×** |",
-                  f"(rel. err vs reference: PDL chain {err:.1e}, one launch {err_one}, as the model {err_model:.1e})")
+                  f"(rel. err vs reference: PDL chain {err}, one launch {err_one}, as the model {err_model:.1e})")
         del bf16, w4
         torch.cuda.empty_cache()
     return rows, lines

@@ -14,6 +14,7 @@
 #   mma-tiles (after its default tile changed) its tests, and the decode linear groups at M = 4/6/8/16 as the model
 #             runs them with the dp4a GEMV up to 8 tokens (then MMA) and up to 4 (DUQUANT_GEMV_MAX_M)
 #   mma-model the layer and e2e decode benches at batch 1/4/8/16 with it
+#   wide      decode at 16/32/64 tokens with the MMA kernel serving up to 64 (DUQUANT_DECODE_MAX_M=64) and up to 16
 # Results land in $OUT as JSON + markdown + logs; results/bench_h100/session14/ keeps them.
 set -uo pipefail
 OUT=${OUT:-out}
@@ -81,7 +82,18 @@ case "${1:-}" in
       --no-profile --out-json "$OUT/e2e_decode_mma.json" --out-md "$OUT/e2e_decode_mma.md" > "$OUT/e2e_decode_mma.log" 2>&1
     grep -E "^\| decode" "$OUT/e2e_decode_mma.md"; tail -2 "$OUT/e2e_decode_mma.log"
     ;;
+  wide)  # 17–64 tokens through the MMA decode kernel (DUQUANT_DECODE_MAX_M=64) against the prefill GEMM path (16)
+    for d in 16 64; do
+      DUQUANT_DECODE_MAX_M=$d timeout 100 python3 scripts/decode_kernels.py --chains --no-one-launch --ms 16 32 64 \
+        --out-json "$OUT/decode_chains_max$d.json" --out-md "$OUT/decode_chains_max$d.md" > "$OUT/decode_chains_max$d.log" 2>&1
+      cut -d'|' -f2,3,4,13,14 "$OUT/decode_chains_max$d.md"; tail -1 "$OUT/decode_chains_max$d.log"
+      DUQUANT_DECODE_MAX_M=$d timeout 120 "${bench[@]}" --level layer --variants bf16 w4a4_fused --batches \
+        --decode-batches 16 32 64 --no-profile --out-json "$OUT/layer_decode_max$d.json" --out-md "$OUT/layer_decode_max$d.md" \
+        > "$OUT/layer_decode_max$d.log" 2>&1
+      grep -E "^\| decode" "$OUT/layer_decode_max$d.md"; tail -1 "$OUT/layer_decode_max$d.log"
+    done
+    ;;
   *)
-    echo "usage: OUT=\$OUT bash scripts/gpu_final.sh {decode|prefill|layer|e2e|quantize|mma|mma-tiles|mma-model}"; exit 2
+    echo "usage: OUT=\$OUT bash scripts/gpu_final.sh {decode|prefill|layer|e2e|quantize|mma|mma-tiles|mma-model|wide}"; exit 2
     ;;
 esac

@@ -18,12 +18,12 @@ from typing import Callable
 import torch
 
 from ..cuda_graphs import capture
+from ..kernels import ops
 from .output import write_results
 
 # LLaMA-2-7B linear shapes (N, K): q/k/v/o, gate/up, down.
 LLAMA2_7B_SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008)]
 DEFAULT_MS = [1, 4, 16, 64, 2048, 8192, 32768]
-DECODE_MAX_M = 16  # as duquant.kernels.ops: larger M goes through the 8-bit prefill GEMM
 _L2_DEFEAT_BYTES = 160 << 20  # weights cycled per graph replay: > 3× the H100's 50 MB L2
 
 
@@ -72,7 +72,6 @@ def measure_ceilings(device: str = "cuda") -> dict[str, float]:
 
 
 def _bench_prefill(m: int, n: int, k: int, device: str) -> dict[str, float]:
-    from duquant.kernels import ops
     from duquant.kernels.triton_gemm import expand_w4, fp8_gemm, int8_gemm
     from duquant.kernels.triton_hadamard import hadamard_quantize
     from duquant.kernels.triton_row_transform import duquant_quantize_rows
@@ -219,7 +218,7 @@ def _bench_decode(m: int, n: int, k: int, device: str) -> dict[str, float]:
 
 
 def _row(n: int, k: int, m: int, r: dict[str, float]) -> dict[str, object]:
-    if m <= DECODE_MAX_M:
+    if m <= ops.DECODE_MAX_M:
         total, transform, gemm = r["total_decode"], r["transform_int8"], r["gemm_decode"]
         gemv = r.get("gemm_decode_gemv", float("inf")) < r["gemm_decode_mma"]
         path = "decode W4 (dp4a GEMV)" if gemv else "decode W4 (int8 MMA)"
@@ -273,7 +272,7 @@ def run_kernel_bench(shapes: list[tuple[int, int]] | None = None, ms: list[int] 
     rows = []
     for n, k in shapes:
         for m in ms:
-            r = _bench_decode(m, n, k, "cuda") if m <= DECODE_MAX_M else _bench_prefill(m, n, k, "cuda")
+            r = _bench_decode(m, n, k, "cuda") if m <= ops.DECODE_MAX_M else _bench_prefill(m, n, k, "cuda")
             rows.append(_row(n, k, m, r))
             print(f"N={n} K={k} M={m}: " + ", ".join(f"{a} {b:.1f}" for a, b in r.items()), flush=True)
             torch.cuda.empty_cache()

@@ -21,8 +21,9 @@ from duquant.quant.quantizer import MIN_SCALE, QuantSpec, fake_quantize
 # Largest token count served by the packed-weight decode kernels; above it the 8-bit prefill
 # GEMM runs. Their cost is nearly flat up to 16 tokens (session 14: the MMA kernel takes 4096²
 # in ~10 µs at M = 8 and 16, results/bench_h100/session14/kernel_decode_mma.md); M = 17–64 there
-# is not measured, so the bound stays at 16.
-DECODE_MAX_M = 16
+# is not measured, so the bound stays at 16. DUQUANT_DECODE_MAX_M overrides (at most 64, the MMA
+# kernel's limit).
+DECODE_MAX_M = min(64, int(os.environ.get("DUQUANT_DECODE_MAX_M", "16")))
 # Up to this M the decode path is the dp4a GEMV (triton_decode.w4a8_gemv, kernel limit 16);
 # above it, the int8-MMA decode kernel (triton_decode.w4a8_decode). The GEMV's dp4a work grows
 # with M, the MMA kernel is flat. H100, each decode linear group with its transform as the model
@@ -48,11 +49,12 @@ HADAMARD_KERNEL_VERIFIED = os.environ.get("DUQUANT_HADAMARD_KERNEL", "1") == "1"
 #   tiles 134 / 466 / 1850, rows 197 / 725 / 2897.
 # So "auto" (the default) takes rows when K ≤ ROWS_MAX_K and K/n is a power of two (no
 # padded blocks), or for one token (ROWS_MAX_M); for wider rows (K > ROWS_MAX_K, up to
-# ROWS_MAX_TILE padded elements) from DECODE_MAX_M to ROWS_WIDE_MAX_M tokens; tiles
+# ROWS_MAX_TILE padded elements) from ROWS_WIDE_MIN_M to ROWS_WIDE_MAX_M tokens; tiles
 # everywhere else. DUQUANT_TRANSFORM_KERNEL=tiles or =rows forces one kernel.
 TRANSFORM_KERNEL = os.environ.get("DUQUANT_TRANSFORM_KERNEL", "auto")
 ROWS_MAX_M = int(os.environ.get("DUQUANT_ROWS_MAX_M", "1"))
 ROWS_MAX_K = int(os.environ.get("DUQUANT_ROWS_MAX_K", "4096"))
+ROWS_WIDE_MIN_M = 16  # exclusive: up to 16 tokens the tiles kernel takes the wide rows
 ROWS_WIDE_MAX_M = 256
 ROWS_MAX_TILE = 16384  # one token's padded [NB_PAD, n] tile; K = 11008 takes 128 × 128
 
@@ -69,7 +71,7 @@ def transform_kernel(m: int, k: int, n: int = 128) -> str:
         return TRANSFORM_KERNEL
     if k > ROWS_MAX_K:
         wide_ok = padded_row(k, n) <= ROWS_MAX_TILE
-        return "rows" if wide_ok and DECODE_MAX_M < m <= ROWS_WIDE_MAX_M else "tiles"
+        return "rows" if wide_ok and ROWS_WIDE_MIN_M < m <= ROWS_WIDE_MAX_M else "tiles"
     return "rows" if m <= ROWS_MAX_M or padded_row(k, n) == k else "tiles"
 
 
