@@ -19,11 +19,13 @@ from duquant.kernels.weight import PackedWeight
 from duquant.quant.quantizer import MIN_SCALE, QuantSpec, fake_quantize
 
 # Largest token count served by the packed-weight decode kernels; above it the 8-bit prefill
-# GEMM runs. Their cost is nearly flat up to 16 tokens (session 14: the MMA kernel takes 4096²
-# in ~10 µs at M = 8 and 16, results/bench_h100/session14/kernel_decode_mma.md); M = 17–64 there
-# is not measured, so the bound stays at 16. DUQUANT_DECODE_MAX_M overrides (at most 64, the MMA
-# kernel's limit).
-DECODE_MAX_M = min(64, int(os.environ.get("DUQUANT_DECODE_MAX_M", "16")))
+# GEMM runs (packed weights expanded per call unless an FP8 copy is kept). H100, session 14
+# (results/bench_h100/session14/decode_chains_max{16,64}.md, a layer's decode linear groups with
+# their transforms, CUDA graph): at M = 32 / 64 the MMA kernel against the prefill path took q/k/v
+# 38.5 / 44.0 against 73.8 / 73.2 µs, gate/up 50.5 / 64.9 against 103.6 / 99.9, o and down also
+# faster; the 7B layer's decode at batch 32 / 64 went from 0.96 / 0.98× BF16 to 1.23 / 1.11×. So
+# the kernel's own limit, 64; DUQUANT_DECODE_MAX_M lowers it.
+DECODE_MAX_M = min(64, int(os.environ.get("DUQUANT_DECODE_MAX_M", "64")))
 # Up to this M the decode path is the dp4a GEMV (triton_decode.w4a8_gemv, kernel limit 16);
 # above it, the int8-MMA decode kernel (triton_decode.w4a8_decode). The GEMV's dp4a work grows
 # with M, the MMA kernel is flat. H100, each decode linear group with its transform as the model
