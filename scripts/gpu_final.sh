@@ -17,11 +17,7 @@
 #   wide      decode at 16/32/64 tokens with the MMA kernel serving up to 64 (DUQUANT_DECODE_MAX_M=64) and up to 16
 # Results land in $OUT as JSON + markdown + logs; results/bench_h100/session14/ keeps them.
 set -uo pipefail
-OUT=${OUT:-out}
-mkdir -p "$OUT"
-export PYTHONPATH=$PWD/src:${PYTHONPATH:-} PYTHONUNBUFFERED=1
-bench=(python3 -c "import sys; from duquant.bench import main; sys.exit(main(sys.argv[1:]))")
-nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,temperature.gpu --format=csv,noheader | tee "$OUT/gpu.txt"
+source "$(dirname "$0")/gpu_env.sh"  # $OUT, PYTHONPATH, $bench, gpu.txt
 case "${1:-}" in
   decode)
     timeout 200 python3 -m pytest -q -p no:cacheprovider -rf --tb=short tests/test_kernels_gpu.py \

@@ -21,11 +21,7 @@
 #   three      the same layer bench (bf16, w4a4_fp8w_fused) with the three-launch transform at every M
 # Results land in $OUT as JSON + markdown (+ logs); copy them to results/ with the command line.
 set -uo pipefail
-OUT=${OUT:-out}
-mkdir -p "$OUT"
-export PYTHONPATH=$PWD/src:${PYTHONPATH:-} PYTHONUNBUFFERED=1
-bench=(python3 -c "import sys; from duquant.bench import main; sys.exit(main(sys.argv[1:]))")
-nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,temperature.gpu --format=csv,noheader | tee "$OUT/gpu.txt"
+source "$(dirname "$0")/gpu_env.sh"  # $OUT, PYTHONPATH, $bench, gpu.txt
 case "${1:-}" in
   parity)
     # the transform kernels' 128 cases (~5 min of compiles); parity-rest runs the others

@@ -128,23 +128,33 @@ JOINED = [
 ]
 
 
+def _joined_case(m: int, rows: list[int], k: int, seed: int):
+    """Weights of `rows` rows that read one activation: a, s_x, the weights, and their scales, zero
+    points and biases stacked along N."""
+    cases = [_case(m, n, k, seed=seed + i) for i, n in enumerate(rows)]
+    weights = [c[0] for c in cases]
+    return (cases[0][1], cases[0][2], weights, torch.cat([w.scale for w in weights]),
+            torch.cat([w.zero for w in weights]), torch.cat([c[3] for c in cases]))
+
+
+def _assert_stacked(y: torch.Tensor, a: torch.Tensor, s_x: torch.Tensor, weights: list, bias: torch.Tensor | None):
+    """Column block i of y [M, ΣN_i] is weight i's reference (with its part of the stacked bias)."""
+    start = 0
+    for i, w in enumerate(weights):
+        stop = start + w.out_features
+        yr = ref.w4a4_linear_ref(a, s_x, w, None if bias is None else bias[start:stop], out_dtype=torch.float32)
+        assert _rel(y[:, start:stop], yr) < 1e-6, f"weight {i}"
+        start = stop
+
+
 @pytest.mark.parametrize("m,rows,k,tune", JOINED)
 def test_joined_gemv_is_the_stacked_gemvs(m: int, rows: list[int], k: int, tune: dict) -> None:
     """One launch over 2–3 separate weights = each weight's reference, side by side."""
     from duquant.kernels.triton_decode import w4a8_gemv_joined
-    cases = [_case(m, n, k, seed=10 + i) for i, n in enumerate(rows)]
-    a, s_x = cases[0][1], cases[0][2]
-    weights = [c[0] for c in cases]
-    scale, zero = torch.cat([w.scale for w in weights]), torch.cat([w.zero for w in weights])
-    bias = torch.cat([c[3] for c in cases])
+    a, s_x, weights, scale, zero, bias = _joined_case(m, rows, k, seed=10)
     for b in (None, bias):
         y = w4a8_gemv_joined(a, s_x, [w.packed for w in weights], scale, zero, b, out_dtype=torch.float32, **tune)
-        start = 0
-        for i, w in enumerate(weights):
-            stop = start + rows[i]
-            yr = ref.w4a4_linear_ref(a, s_x, w, None if b is None else b[start:stop], out_dtype=torch.float32)
-            assert _rel(y[:, start:stop], yr) < 1e-6, f"weight {i}"
-            start = stop
+        _assert_stacked(y, a, s_x, weights, b)
     assert _workspace_clean()
 
 
@@ -157,10 +167,7 @@ def test_ops_joined_linear_uses_one_gemv(monkeypatch: pytest.MonkeyPatch) -> Non
     calls = []
     real = dec.w4a8_gemv_joined
     monkeypatch.setattr(dec, "w4a8_gemv_joined", lambda *args, **kw: calls.append(len(args[2])) or real(*args, **kw))
-    cases = [_case(2, n, 128, seed=20 + i) for i, n in enumerate((40, 24, 24))]
-    weights = [c[0] for c in cases]
-    a, s_x = cases[0][1], cases[0][2]
-    scale, zero = torch.cat([w.scale for w in weights]), torch.cat([w.zero for w in weights])
+    a, s_x, weights, scale, zero, _ = _joined_case(2, [40, 24, 24], 128, seed=20)
     y = ops.w4a4_linear_joined(a.reshape(1, 2, 128), s_x.reshape(1, 2), weights, scale, zero, out_dtype=torch.float32)
     assert calls == [3] and y.shape == (1, 2, 88)
     yr = torch.cat([ref.w4a4_linear_ref(a, s_x, w, None, out_dtype=torch.float32) for w in weights], dim=-1)
@@ -196,20 +203,11 @@ def test_mma_decode_is_the_stacked_references(m: int, rows: list[int], k: int, t
     """w4a8_decode_joined (one launch, split-K through the shared workspace) = each weight's
     reference side by side, for int8 and e4m3 activations; the workspace is zero afterwards."""
     from duquant.kernels.triton_decode import w4a8_decode, w4a8_decode_joined
-    cases = [_case(m, n, k, seed=30 + i) for i, n in enumerate(rows)]
-    a, s_x = cases[0][1], cases[0][2]
-    weights = [c[0] for c in cases]
-    scale, zero = torch.cat([w.scale for w in weights]), torch.cat([w.zero for w in weights])
-    bias = torch.cat([c[3] for c in cases])
+    a, s_x, weights, scale, zero, bias = _joined_case(m, rows, k, seed=30)
     for acts, b in ((a, None), (a, bias), (a.to(torch.float32).to(torch.float8_e4m3fn), bias)):
         y = w4a8_decode_joined(acts, s_x, [w.packed for w in weights], scale, zero, b, out_dtype=torch.float32,
                                **tune)
-        start = 0
-        for i, w in enumerate(weights):
-            stop = start + rows[i]
-            yr = ref.w4a4_linear_ref(a, s_x, w, None if b is None else b[start:stop], out_dtype=torch.float32)
-            assert _rel(y[:, start:stop], yr) < 1e-6, f"weight {i}"
-            start = stop
+        _assert_stacked(y, a, s_x, weights, b)
     one = w4a8_decode(a, s_x, weights[0].packed, weights[0].scale, weights[0].zero, None, torch.float32, **tune)
     assert _rel(one, ref.w4a4_linear_ref(a, s_x, weights[0], None, out_dtype=torch.float32)) < 1e-6
     assert _workspace_clean()
@@ -226,10 +224,7 @@ def test_ops_joined_linear_above_the_gemv_uses_one_mma_launch(monkeypatch: pytes
     monkeypatch.setattr(dec, "w4a8_decode_joined",
                         lambda *args, **kw: calls.append(len(args[2])) or real(*args, **kw))
     m = ops.DECODE_GEMV_MAX_M + 3
-    cases = [_case(m, n, 128, seed=40 + i) for i, n in enumerate((40, 24, 24))]
-    weights = [c[0] for c in cases]
-    a, s_x = cases[0][1], cases[0][2]
-    scale, zero = torch.cat([w.scale for w in weights]), torch.cat([w.zero for w in weights])
+    a, s_x, weights, scale, zero, _ = _joined_case(m, [40, 24, 24], 128, seed=40)
     y = ops.w4a4_linear_joined(a.reshape(1, m, 128), s_x.reshape(1, m), weights, scale, zero, out_dtype=torch.float32)
     assert calls == [3] and y.shape == (1, m, 88)
     yr = torch.cat([ref.w4a4_linear_ref(a, s_x, w, None, out_dtype=torch.float32) for w in weights], dim=-1)

@@ -219,25 +219,18 @@ def w4a4_linear(a: torch.Tensor, s_x: torch.Tensor, weight: PackedWeight, bias: 
     return y.reshape(*a.shape[:-1], weight.out_features)
 
 
-def joined_gemv_supported(a: torch.Tensor, weights: list[PackedWeight]) -> bool:
-    """Whether `w4a4_linear_joined` runs these weights as one dp4a GEMV launch for activation `a`
-    (a CUDA decode call of ≤ DECODE_GEMV_MAX_M tokens with per-channel 4-bit weights of one
-    layout)."""
-    m = a.numel() // a.shape[-1]
-    if not (use_triton(a) and m <= DECODE_GEMV_MAX_M and not any(w.group_size for w in weights)):
-        return False
+def joined_decode_kernel(a: torch.Tensor, weights: list[PackedWeight]) -> str | None:
+    """Which kernel runs these weights as one launch for activation `a` in `w4a4_linear_joined`:
+    "gemv" (the dp4a GEMV, ≤ DECODE_GEMV_MAX_M tokens), "mma" (the int8-MMA decode kernel, up to
+    DECODE_MAX_M), or None (not a CUDA decode call with per-channel 4-bit weights of one layout)."""
+    m, k = a.numel() // a.shape[-1], a.shape[-1]
+    if not (use_triton(a) and m <= DECODE_MAX_M and not any(w.group_size for w in weights)):
+        return None
     from duquant.kernels import triton_decode as dec
-    return dec.joined_gemv_supported(m, a.shape[-1], [w.packed for w in weights])
-
-
-def joined_decode_supported(a: torch.Tensor, weights: list[PackedWeight]) -> bool:
-    """Whether `w4a4_linear_joined` runs these weights as one int8-MMA decode launch for
-    activation `a` (DECODE_GEMV_MAX_M < M ≤ DECODE_MAX_M, per-channel weights of one layout)."""
-    m = a.numel() // a.shape[-1]
-    if not (use_triton(a) and DECODE_GEMV_MAX_M < m <= DECODE_MAX_M and not any(w.group_size for w in weights)):
-        return False
-    from duquant.kernels import triton_decode as dec
-    return dec.joined_decode_supported(m, a.shape[-1], [w.packed for w in weights])
+    packed = [w.packed for w in weights]
+    if m <= DECODE_GEMV_MAX_M:
+        return "gemv" if dec.joined_gemv_supported(m, k, packed) else None
+    return "mma" if dec.joined_decode_supported(m, k, packed) else None
 
 
 def w4a4_linear_joined(a: torch.Tensor, s_x: torch.Tensor, weights: list[PackedWeight],
@@ -245,17 +238,17 @@ def w4a4_linear_joined(a: torch.Tensor, s_x: torch.Tensor, weights: list[PackedW
                        out_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
     """`w4a4_linear` of one activation by several weights (q/k/v, gate/up) stacked along N:
     y [..., ΣN_i]. scale, zero (and bias) are the weights' per-channel vectors concatenated.
-    One launch where `joined_gemv_supported` (the dp4a GEMV) or `joined_decode_supported` (the
-    int8-MMA kernel), else one `w4a4_linear` per weight."""
+    One launch where `joined_decode_kernel` names one, else one `w4a4_linear` per weight."""
     k = a.shape[-1]
     a2, s2 = a.reshape(-1, k), s_x.reshape(-1).to(torch.float32)
-    if joined_gemv_supported(a2, weights):
+    kernel = joined_decode_kernel(a2, weights)
+    if kernel is not None:
         from duquant.kernels import triton_decode as dec
-        y = dec.w4a8_gemv_joined(a2, s2, [w.packed for w in weights], scale, zero, bias, out_dtype,
-                                 pdl=dependent_launch.DECODE_PDL)
-    elif joined_decode_supported(a2, weights):
-        from duquant.kernels import triton_decode as dec
-        y = dec.w4a8_decode_joined(a2, s2, [w.packed for w in weights], scale, zero, bias, out_dtype)
+        packed = [w.packed for w in weights]
+        if kernel == "gemv":
+            y = dec.w4a8_gemv_joined(a2, s2, packed, scale, zero, bias, out_dtype, pdl=dependent_launch.DECODE_PDL)
+        else:
+            y = dec.w4a8_decode_joined(a2, s2, packed, scale, zero, bias, out_dtype)
     else:
         parts, start = [], 0
         for w in weights:

@@ -144,23 +144,42 @@ def decode_config(m: int, n: int, k: int, num_sms: int, block_n: int = 64, block
     while block_k > 64 and k % block_k:
         block_k //= 2
     block_k = max(64, min(block_k, triton.next_power_of_2(k)))
+    return {"BLOCK_M": max(16, triton.next_power_of_2(m)), "BLOCK_N": block_n, "BLOCK_K": block_k,
+            "NUM_STAGES": num_stages, "num_warps": num_warps, **_split_k(n, k, block_n, block_k, waves, num_sms)}
+
+
+def _split_k(n: int, k: int, block_n: int, block_k: int, waves: int, num_sms: int) -> dict[str, int]:
+    """Splits of K so that ≥ `waves` programs per SM run where K allows it, each split a whole
+    number of tiles (no empty splits): {"split_k", "tiles_per_split"} (runtime kernel arguments)."""
     n_tiles = triton.cdiv(n, block_n)
     k_tiles = triton.cdiv(k, block_k)
     split = max(1, min(k_tiles, triton.cdiv(waves * num_sms, n_tiles)))
     tiles_per_split = triton.cdiv(k_tiles, split)
-    return {"BLOCK_M": max(16, triton.next_power_of_2(m)), "BLOCK_N": block_n, "BLOCK_K": block_k,
-            "NUM_STAGES": num_stages, "num_warps": num_warps,
-            "split_k": triton.cdiv(k_tiles, tiles_per_split), "tiles_per_split": tiles_per_split}
+    return {"split_k": triton.cdiv(k_tiles, tiles_per_split), "tiles_per_split": tiles_per_split}
+
+
+def _stacked(rows: list[int], block_n: int) -> tuple[int, int, int, int, int]:
+    """Up to three weights of `rows` rows stacked into one output, in row blocks of block_n that
+    never straddle two weights: (row blocks in all, N1, N2, T1, T2), `_segment`'s arguments."""
+    tiles = [triton.cdiv(r, block_n) for r in rows]
+    n1, n2 = rows[0], rows[1] if len(rows) > 1 else 0
+    t1, t2 = tiles[0], tiles[0] + (tiles[1] if len(tiles) > 1 else 0)
+    return sum(tiles), n1, n2, t1, t2
+
+
+def _one_layout(packed: list[torch.Tensor]) -> bool:
+    """1–3 packed weights with equal K and row stride (what a joined launch reads)."""
+    return 1 <= len(packed) <= 3 and all(
+        p.shape[1] == packed[0].shape[1] and p.stride(0) == packed[0].stride(0) for p in packed)
 
 
 DECODE_MAX_M = 64  # largest token count `w4a8_decode` takes
 
 
 def joined_decode_supported(m: int, k: int, packed: list[torch.Tensor]) -> bool:
-    """`w4a8_decode_joined` takes 1–3 packed weights with equal K and row stride, contiguous rows."""
-    return 1 <= m <= DECODE_MAX_M and 1 <= len(packed) <= 3 and all(
-        p.stride(-1) == 1 and p.shape[1] == packed[0].shape[1] and p.stride(0) == packed[0].stride(0)
-        and p.shape[1] * 2 >= k for p in packed)
+    """`w4a8_decode_joined` takes 1–3 packed weights of one layout with contiguous rows."""
+    return 1 <= m <= DECODE_MAX_M and _one_layout(packed) and all(p.stride(-1) == 1 and p.shape[1] * 2 >= k
+                                                                  for p in packed)
 
 
 def w4a8_decode(a: torch.Tensor, s_x: torch.Tensor, packed: torch.Tensor, w_scale: torch.Tensor,
@@ -187,15 +206,11 @@ def w4a8_decode_joined(a: torch.Tensor, s_x: torch.Tensor, packed: list[torch.Te
     cfg = dict(config or decode_config(m, n, k, _num_sms(a.device), **tune))
     split_k, tiles_per_split = cfg.pop("split_k"), cfg.pop("tiles_per_split")  # runtime: no recompiles
     out = torch.empty((m, n), dtype=out_dtype, device=a.device)
-    tiles = [triton.cdiv(r, cfg["BLOCK_N"]) for r in rows]  # a row block never straddles two weights
-    n_tiles = sum(tiles)
-    ws, cnt = _gemv_workspace(m * n if split_k > 1 else 1, n_tiles if split_k > 1 else 1, a.device)
-    ws_packed = packed + [packed[0]] * (3 - len(packed))
-    n1, n2 = rows[0], rows[1] if len(rows) > 1 else 0
-    t1, t2 = tiles[0], tiles[0] + (tiles[1] if len(tiles) > 1 else 0)
+    n_tiles, n1, n2, t1, t2 = _stacked(rows, cfg["BLOCK_N"])
+    ws, cnt = _split_workspace(m, n, n_tiles, split_k, a.device)
     has_bias = bias is not None
     w4a8_decode_kernel[(n_tiles, split_k)](
-        a, *ws_packed, s_x, w_scale, w_zero, bias if has_bias else out, out, ws, cnt,
+        a, *packed, *[packed[0]] * (3 - len(packed)), s_x, w_scale, w_zero, bias if has_bias else out, out, ws, cnt,
         m, n, n1, n2, t1, t2, k, a.stride(0), packed[0].stride(0), out.stride(0), split_k, tiles_per_split,
         HAS_BIAS=has_bias, A_FP8=a.dtype == torch.float8_e4m3fn, EVEN_K=k % cfg["BLOCK_K"] == 0,
         SEGMENTS=len(packed), **cfg,
@@ -555,13 +570,8 @@ def gemv_config(m: int, n: int, k: int, num_sms: int, block_n: int | None = None
     block_k = block_k or (1024 if m <= 8 else 512)
     num_warps = num_warps or gemv_warps(m)
     block_k = max(32, min(block_k, triton.next_power_of_2(k)))
-    n_tiles = triton.cdiv(n, block_n)
-    k_tiles = triton.cdiv(k, block_k)
-    split = max(1, min(k_tiles, triton.cdiv(waves * num_sms, n_tiles)))
-    tiles_per_split = triton.cdiv(k_tiles, split)
     return {"BLOCK_M": max(1, triton.next_power_of_2(m)), "BLOCK_N": block_n, "BLOCK_K": block_k,
-            "NUM_STAGES": num_stages, "num_warps": num_warps,
-            "split_k": triton.cdiv(k_tiles, tiles_per_split), "tiles_per_split": tiles_per_split}
+            "NUM_STAGES": num_stages, "num_warps": num_warps, **_split_k(n, k, block_n, block_k, waves, num_sms)}
 
 
 # Split-K workspace of the GEMV and of the MMA decode kernel (`_write_output`): fp32 sums and
@@ -571,7 +581,12 @@ def gemv_config(m: int, n: int, k: int, num_sms: int, block_n: int | None = None
 _GEMV_WS: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
 
 
-def _gemv_workspace(numel: int, counters: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+def _split_workspace(m: int, n: int, row_blocks: int, split_k: int,
+                     device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The workspace a launch of m tokens × n columns in `row_blocks` row blocks needs. One split
+    never touches it, but the kernel is compiled for its pointer types (split_k is a runtime
+    value), so it still gets float32 sums and int32 counters."""
+    numel, counters = (m * n, row_blocks) if split_k > 1 else (1, 1)
     ws, cnt = _GEMV_WS.get(device, (None, None))
     if ws is None or ws.numel() < numel or cnt.numel() < counters:
         ws = torch.zeros(max(numel, 1 << 18), dtype=torch.float32, device=device)
@@ -589,10 +604,8 @@ def gemv_supported(m: int, k: int, packed: torch.Tensor) -> bool:
 
 
 def joined_gemv_supported(m: int, k: int, packed: list[torch.Tensor]) -> bool:
-    """`w4a8_gemv_joined` takes 1–3 weights that each suit the GEMV, with equal K and row stride."""
-    return 1 <= len(packed) <= 3 and all(
-        gemv_supported(m, k, p) and p.shape[1] == packed[0].shape[1] and p.stride(0) == packed[0].stride(0)
-        for p in packed)
+    """`w4a8_gemv_joined` takes 1–3 weights of one layout that each suit the GEMV."""
+    return _one_layout(packed) and all(gemv_supported(m, k, p) for p in packed)
 
 
 def w4a8_gemv(a: torch.Tensor, s_x: torch.Tensor, packed: torch.Tensor, w_scale: torch.Tensor,
@@ -656,14 +669,9 @@ def gemv_launch(a: torch.Tensor, s_x: torch.Tensor, packed: list[torch.Tensor], 
     sa, sw = a32.stride(0), w32[0].stride(0)
     aligned = sa % 4 == 0 and sw % 4 == 0 and (k // 8) % 4 == 0
     out = torch.empty((m, n), dtype=out_dtype, device=a.device)
-    tiles = [triton.cdiv(r, cfg["BLOCK_N"]) for r in rows]  # a row block never straddles two weights
-    n_tiles = sum(tiles)
+    n_tiles, n1, n2, t1, t2 = _stacked(rows, cfg["BLOCK_N"])
     w32 += [w32[0]] * (3 - len(w32))
-    n1, n2 = rows[0], rows[1] if len(rows) > 1 else 0
-    t1, t2 = tiles[0], tiles[0] + (tiles[1] if len(tiles) > 1 else 0)
-    # One split never touches the workspace, but the kernel is compiled for its pointer types
-    # (split_k is a runtime value): the counters must be int32 whatever out's dtype.
-    ws, cnt = _gemv_workspace(m * n if split_k > 1 else 1, n_tiles if split_k > 1 else 1, a.device)
+    ws, cnt = _split_workspace(m, n, n_tiles, split_k, a.device)
     has_bias = bias is not None
     args = (a32, *w32, s_x, w_scale, w_zero, bias if has_bias else out, out, ws, cnt,
             m, n, n1, n2, t1, t2, k // 8, sa // 4 if aligned else sa, sw // 4 if aligned else sw, out.stride(0),
